@@ -1,0 +1,55 @@
+"""`finetune <command> [hydra overrides]`: one Hydra app per command; `python -m finetune` too."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from finetune.errors import FinetuneError, did_you_mean
+
+COMMANDS = {
+    "train": "train a head (and optionally the last blocks of a backbone) on a dataset; record it in MLflow",
+}
+
+USAGE = """usage: finetune <command> [hydra overrides] [hydra flags]
+
+commands:
+{commands}
+
+Every Hydra flag works after the command: --help (config groups and options), --cfg job
+(print the resolved config, run nothing), --info, -m/--multirun (sweeps).
+Example: finetune train backbone=resnet50 freeze=last_n freeze.n=2 head=mlp data=folder data.path=~/photos
+"""
+
+
+def conf_dir() -> Path:
+    """conf/ beside the package in a source checkout, else the copy installed inside the package."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "conf", package / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"finetune's conf/ folder is missing (looked beside and inside {package})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(commands="\n".join(f"  {n:<10} {d}" for n, d in COMMANDS.items())))
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: command: received {command!r}; expected one of {', '.join(COMMANDS)}"
+              f"{did_you_mean(command, COMMANDS)}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING chatter
+    from finetune.hydra_app import precheck, run_app
+
+    message = precheck(command, rest)
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return run_app(command, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""`finetune train`: dataset -> trained model + an MLflow run holding everything about it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.validation import validate_train
+
+
+def run(cfg, output_dir: Path) -> dict:
+    """Validate, load data, then train inside an MLflow run. Returns the final metrics."""
+    spec = validate_train(cfg)
+    from finetune.data import load_dataset  # pure Python for generated/folder data: no TF yet
+
+    dataset = load_dataset(cfg.data)
+    from finetune import tracking
+    import mlflow
+
+    experiment_id = tracking.use_experiment(cfg.tracking)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name,
+                          tags=dict(cfg.tracking.tags)) as active:
+        try:
+            metrics = _train_in_run(cfg, spec, dataset, output_dir)
+        except BaseException as error:  # the run ends FAILED; say why on the run itself
+            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            raise
+        run_id = active.info.run_id
+    _print_summary(metrics, run_id, experiment_id, output_dir, tracking.tracking_uri(cfg.tracking))
+    return metrics
+
+
+def _train_in_run(cfg, spec, dataset, output_dir: Path) -> dict:
+    from finetune.runner import TrainRun
+
+    return TrainRun(cfg, spec, dataset, output_dir).execute()
+
+
+def _print_summary(metrics, run_id, experiment_id, output_dir, uri) -> None:
+    from finetune.tracking import ui_hint
+
+    shown = {k: v for k, v in metrics.items() if k.startswith(("test_", "final_val_"))
+             and not any(t in k for t in ("precision_", "recall_", "f1_"))}
+    print("\n== finetune train: done ==")
+    for key, value in sorted(shown.items()):
+        print(f"  {key:<24} {value:.4f}")
+    print(f"  run id                   {run_id}")
+    print(f"  model                    {output_dir / 'model.keras'}")
+    print(f"  outputs                  {output_dir}")
+    print(f"  look at it               {ui_hint(uri, experiment_id, run_id)}")
+
+
+def objective(metrics: dict) -> float | None:
+    """What a sweeper optimizes: the final validation accuracy."""
+    return metrics.get("final_val_accuracy")

@@ -1,0 +1,218 @@
+"""Typed schema for every config group, registered in Hydra's ConfigStore.
+
+Hydra checks types and unknown keys at compose time against these dataclasses; `validate()` adds the
+cross-field checks that need the backbone registry. Nothing here imports TensorFlow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Pooling(str, Enum):
+    avg = "avg"
+    max = "max"
+
+
+class FreezePolicy(str, Enum):
+    all = "all"
+    none = "none"
+    last_n = "last_n"
+
+
+class BatchNormPolicy(str, Enum):
+    frozen = "frozen"
+    train = "train"
+
+
+class HeadKind(str, Enum):
+    linear = "linear"
+    mlp = "mlp"
+    flatten_mlp = "flatten_mlp"
+
+
+class OptimizerKind(str, Enum):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class CacheMode(str, Enum):
+    auto = "auto"
+    memory = "memory"
+    off = "off"
+
+
+class Augment(str, Enum):
+    none = "none"
+    flip = "flip"
+
+
+@dataclass
+class BackboneConfig:
+    name: str = MISSING
+    # "imagenet", null (random init) or a path to a local weights file
+    weights: Optional[str] = "imagenet"
+    # [height, width] or [height, width, 3]; null = the backbone's native size
+    input_shape: Optional[List[int]] = None
+    include_top: bool = False
+    pooling: Optional[Pooling] = Pooling.avg
+
+
+@dataclass
+class FreezeConfig:
+    name: FreezePolicy = FreezePolicy.all
+    # last_n: number of trailing blocks of the block map left trainable
+    n: int = 1
+    batchnorm: BatchNormPolicy = BatchNormPolicy.frozen
+
+
+@dataclass
+class HeadConfig:
+    name: HeadKind = HeadKind.linear
+    units: List[int] = field(default_factory=list)
+    dropout: float = 0.2
+    activation: str = "relu"
+
+
+@dataclass
+class DataCommon:
+    # which source reads the data: shapes | digits | folder | tfds (set by the option file)
+    source: str = MISSING
+    name: str = MISSING
+    seed: int = 0
+    cache: CacheMode = CacheMode.auto
+    cache_max_mb: int = 2048
+    augment: Augment = Augment.none
+
+
+@dataclass
+class ShapesDataConfig(DataCommon):
+    source: str = "shapes"
+    name: str = "shapes"
+    num_per_class: int = 100
+    image_size: int = 64
+    classes: List[str] = field(
+        default_factory=lambda: ["circle", "square", "triangle", "star", "cross", "ring"])
+    cache_dir: Optional[str] = None
+    val_split: float = 0.2
+    test_split: float = 0.1
+
+
+@dataclass
+class DigitsDataConfig(DataCommon):
+    source: str = "digits"
+    name: str = "digits"
+    val_split: float = 0.2
+    test_split: float = 0.1
+
+
+@dataclass
+class FolderDataConfig(DataCommon):
+    source: str = "folder"
+    name: str = "folder"
+    path: str = MISSING
+    val_path: Optional[str] = None
+    test_path: Optional[str] = None
+    val_split: float = 0.2
+    test_split: float = 0.0
+
+
+@dataclass
+class TfdsDataConfig(DataCommon):
+    source: str = "tfds"
+    # the tensorflow-datasets name
+    name: str = "tf_flowers"
+    train_split: str = "train[:80%]"
+    val_split: str = "train[80%:90%]"
+    test_split: Optional[str] = "train[90%:]"
+    data_dir: Optional[str] = None
+    download: bool = True
+    image_key: Optional[str] = None
+    label_key: Optional[str] = None
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerKind = OptimizerKind.adam
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    clipnorm: Optional[float] = None
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    epochs: int = 1
+    # null: the `freeze` group's policy; otherwise all | none | last_n (with n)
+    freeze: Optional[FreezePolicy] = None
+    n: Optional[int] = None
+    # learning rate of this stage = optimizer.lr * lr_scale
+    lr_scale: float = 1.0
+
+
+@dataclass
+class EarlyStoppingConfig:
+    enabled: bool = False
+    monitor: str = "val_loss"
+    patience: int = 3
+    restore_best_weights: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 5
+    batch_size: int = 32
+    seed: int = 0
+    # empty: one stage of `epochs` with the `freeze` group; else the listed stages in order
+    stages: List[StageConfig] = field(default_factory=list)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # Re-estimate BatchNorm moving statistics of the BatchNorm layers that trained, after each stage
+    bn_recalibration: bool = True
+    bn_recalibration_batches: int = 100
+    steps_per_epoch: Optional[int] = None
+    verbose: int = 2
+
+
+@dataclass
+class TrackingConfig:
+    # null: $MLFLOW_TRACKING_URI if set, else sqlite:///<cwd>/mlflow.db
+    uri: Optional[str] = None
+    # null: <cwd>/mlartifacts for new experiments on a local store
+    artifact_location: Optional[str] = None
+    experiment: str = "finetune"
+    run_name: Optional[str] = None
+    tags: Dict[str, str] = field(default_factory=dict)
+    log_model: bool = True
+
+
+@dataclass
+class TrainConfig:
+    backbone: BackboneConfig = MISSING
+    freeze: FreezeConfig = MISSING
+    head: HeadConfig = MISSING
+    data: Any = MISSING
+    optimizer: OptimizerConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    tracking: TrackingConfig = MISSING
+
+
+def register_configs() -> None:
+    """Register the schemas. Groups with one schema are typed by TrainConfig's fields; each `data`
+    option has its own schema, which its conf/data/<name>.yaml extends."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for name, node in {"shapes": ShapesDataConfig, "digits": DigitsDataConfig,
+                       "folder": FolderDataConfig, "tfds": TfdsDataConfig}.items():
+        cs.store(group="schema/data", name=name, node=node)
+
+
+def choice(value):
+    """The plain string of an enum-typed option (OmegaConf returns the Enum member)."""
+    return value.value if isinstance(value, Enum) else value

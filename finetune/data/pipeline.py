@@ -1,0 +1,168 @@
+"""tf.data input pipelines: decode -> RGB -> resize -> (cache) -> shuffle -> augment -> batch.
+
+Yields (images float32 [B, h, w, 3] in 0..255, labels int32 [B]). No backbone preprocessing:
+the model does it. Between resize and batch, images are uint8 (rounded), which makes the
+in-memory cache 4x smaller than float32 would.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from finetune.data.sources import AUGMENT_MODES, CACHE_MODES, Dataset, Split
+from finetune.errors import ConfigError, DataError, did_you_mean
+
+AUTOTUNE = tf.data.AUTOTUNE
+SHUFFLE_BUFFER_BYTES = 512 * 2**20  # cap for the shuffle buffer when the split is not cached in memory
+_SPLITS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+
+
+def _hw(image_size) -> tuple[int, int]:
+    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+        image_size = (image_size, image_size)
+    try:
+        h, w = (int(v) for v in image_size)
+    except (TypeError, ValueError):
+        raise ConfigError("image_size", image_size, "(height, width) in pixels, e.g. (224, 224)") from None
+    if h < 1 or w < 1:
+        raise ConfigError("image_size", image_size, "(height, width) of positive integers")
+    return h, w
+
+
+def to_rgb(image: tf.Tensor) -> tf.Tensor:
+    """uint8 image [h,w], [h,w,1], [h,w,2] (gray+alpha), [h,w,3] or [h,w,4] (RGBA) -> [h,w,3]."""
+    if image.shape.rank == 2:
+        image = image[..., None]
+    channels = image.shape[-1]
+    if channels == 3:
+        return image
+    if channels in (1, 2):
+        return tf.image.grayscale_to_rgb(image[..., :1])
+    if channels == 4:
+        return image[..., :3]
+    # Unknown channel count at trace time: decide at run time.
+    c = tf.shape(image)[-1]
+    return tf.cond(c >= 3, lambda: image[..., :3], lambda: tf.image.grayscale_to_rgb(image[..., :1]))
+
+
+def resize_uint8(image: tf.Tensor, hw: tuple[int, int]) -> tf.Tensor:
+    """RGB uint8 image -> [h, w, 3] uint8, bilinear (antialiased when shrinking)."""
+    image = tf.image.resize(image, hw, method="bilinear", antialias=True)
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    image.set_shape((hw[0], hw[1], 3))
+    return image
+
+
+def decode_file(path: tf.Tensor, hw: tuple[int, int]) -> tf.Tensor:
+    """Image file (jpeg/png/bmp/gif: first frame; gray/RGBA/palette) -> uint8 [h, w, 3]."""
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False, dtype=tf.uint8)
+    image.set_shape((None, None, 3))
+    return resize_uint8(image, hw)
+
+
+def load_image(path: str, image_size) -> tf.Tensor:
+    """One image file as float32 [h, w, 3] in 0..255, exactly as the pipelines feed it (for predict)."""
+    return tf.cast(decode_file(tf.constant(str(path)), _hw(image_size)), tf.float32)
+
+
+def estimated_bytes(num_images: int, image_size) -> int:
+    """Bytes of `num_images` resized uint8 RGB images (what the in-memory cache holds)."""
+    h, w = _hw(image_size)
+    return int(num_images) * h * w * 3
+
+
+def _use_memory_cache(cache: str, size: int, hw, cache_max_mb: int) -> bool:
+    if cache == "memory":
+        return True
+    if cache == "off":
+        return False
+    return 0 < size and estimated_bytes(size, hw) < int(cache_max_mb) * 2**20
+
+
+def _tfds_elements(dataset: Dataset, split: Split, training: bool, seed: int) -> tf.data.Dataset:
+    import tensorflow_datasets as tfds
+
+    extra = dataset.extra
+    builder = tfds.builder(extra["dataset"], data_dir=extra.get("data_dir"))
+    read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
+    ds = builder.as_dataset(split=split.tfds_split, shuffle_files=training, read_config=read_config)
+    image_key, label_key = extra["image_key"], extra["label_key"]
+
+    def pick(ex):
+        image = ex[image_key]
+        if image.dtype != tf.uint8:  # e.g. uint16 scans: rescale to 0..255
+            image = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
+        return to_rgb(image), ex[label_key]
+
+    return ds.map(pick, num_parallel_calls=AUTOTUNE)
+
+
+def make_pipeline(dataset: Dataset, split: str, image_size, batch_size: int, *, training: bool, seed: int,
+                  cache: str = "auto", cache_max_mb: int = 2048, augment: str = "none") -> tf.data.Dataset:
+    """A batched tf.data pipeline for one split of `dataset`.
+
+    Yields (float32 [B, h, w, 3] in 0..255, int32 [B]). Training pipelines shuffle (seeded,
+    reshuffled every epoch) and augment; others keep a fixed order. `cache`: "memory" caches the
+    resized split in memory, "off" never, "auto" when it needs < cache_max_mb MiB.
+    """
+    if split not in _SPLITS:
+        raise ConfigError("split", split, "one of train, val, test", did_you_mean(split, _SPLITS).strip())
+    key = _SPLITS[split]
+    part = getattr(dataset, key)
+    if part is None:
+        raise DataError(f"{dataset.name} has no {key} split; set data.test_split > 0 (or data.test_path / "
+                        "the tfds data.test_split) to evaluate on a test set")
+    if cache not in CACHE_MODES:
+        raise ConfigError("data.cache", cache, "one of " + ", ".join(CACHE_MODES), did_you_mean(cache, CACHE_MODES).strip())
+    if augment not in AUGMENT_MODES:
+        raise ConfigError("data.augment", augment, "one of " + ", ".join(AUGMENT_MODES),
+                          did_you_mean(augment, AUGMENT_MODES).strip())
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ConfigError("batch_size", batch_size, "an integer >= 1")
+    hw = _hw(image_size)
+    seed = int(seed)
+    size = int(part.size)
+    in_memory = _use_memory_cache(cache, size, hw, cache_max_mb)
+
+    if part.tfds_split is not None:
+        ds = _tfds_elements(dataset, part, training, seed)
+        ds = ds.map(lambda x, y: (resize_uint8(x, hw), tf.cast(y, tf.int32)), num_parallel_calls=AUTOTUNE)
+    elif part.paths is not None:
+        if size == 0:
+            raise DataError(f"{dataset.name}: the {key} split is empty; adjust data.val_split/data.test_split")
+        labels = np.asarray(part.labels, np.int32)
+        ds = tf.data.Dataset.from_tensor_slices((np.asarray(part.paths, dtype=object).astype(str), labels))
+        if training and not in_memory:
+            # Not cached: shuffle the (cheap) file names over the whole split before decoding.
+            ds = ds.shuffle(size, seed=seed, reshuffle_each_iteration=True)
+        ds = ds.map(lambda p, y: (decode_file(p, hw), y), num_parallel_calls=AUTOTUNE)
+    elif part.images is not None:
+        if size == 0:
+            raise DataError(f"{dataset.name}: the {key} split is empty; adjust data.val_split/data.test_split")
+        ds = tf.data.Dataset.from_tensor_slices((np.asarray(part.images, np.uint8), np.asarray(part.labels, np.int32)))
+        ds = ds.map(lambda x, y: (resize_uint8(to_rgb(x), hw), y), num_parallel_calls=AUTOTUNE)
+    else:
+        raise DataError(f"{dataset.name}: the {key} split has neither files, arrays nor a tfds split")
+
+    if in_memory:
+        ds = ds.cache()
+    if training:
+        if in_memory and size > 0:
+            buffer = size  # the buffer shares the cached tensors: a full shuffle costs little memory
+        elif part.paths is not None:
+            buffer = 0  # already shuffled file names
+        else:
+            per_image = hw[0] * hw[1] * 3
+            buffer = max(batch_size * 4, min(SHUFFLE_BUFFER_BYTES // per_image, 10_000))
+            if size > 0:
+                buffer = min(buffer, size)
+        if buffer > 1:
+            ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        if augment == "flip":
+            coins = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
+            ds = tf.data.Dataset.zip((ds, coins)).map(
+                lambda xy, r: (tf.cond(r % 2 == 0, lambda: tf.reverse(xy[0], axis=[1]), lambda: xy[0]), xy[1]),
+                num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(int(batch_size))
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.int32)), num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)

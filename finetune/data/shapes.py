@@ -1,0 +1,288 @@
+"""The embedded `shapes` dataset: synthetic images of geometric shapes, generated once.
+
+Pure python (numpy + PIL); never imports tensorflow. Each image shows one shape of a random
+colour, size, position and rotation on a noisy background (random colour gradient, gaussian
+noise, a few distractor lines). Image `i` of class `c` depends only on (seed, c, i, image_size),
+so the files are identical across runs and machines with the same numpy/PIL.
+
+Files land in `<cache_dir>/<key>/<class>/<class>_0000.png`, where `<key>` hashes the generator
+version and every parameter. The folder is written into a temporary sibling and renamed into
+place at the end, so a folder named `<key>` is always complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from finetune.errors import ConfigError, DataError, did_you_mean
+
+GENERATOR_VERSION = 1
+DEFAULT_CLASSES = ["circle", "square", "triangle", "star", "cross", "ring"]
+MANIFEST = "manifest.json"
+SUPERSAMPLE = 3  # shapes are drawn at 3x then downsampled: smooth, antialiased edges
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape outlines. Each returns polygons in unit coordinates (centre 0,0; radius ~1), which the
+# renderer rotates, scales and translates. A "hole" polygon is drawn in the background colour.
+# ---------------------------------------------------------------------------------------------
+def _regular(n: int, phase: float = -math.pi / 2) -> list[tuple[float, float]]:
+    return [(math.cos(phase + 2 * math.pi * k / n), math.sin(phase + 2 * math.pi * k / n)) for k in range(n)]
+
+
+def _circle_pts(r: float = 1.0, n: int = 96, cx: float = 0.0) -> list[tuple[float, float]]:
+    return [(cx + r * math.cos(2 * math.pi * k / n), r * math.sin(2 * math.pi * k / n)) for k in range(n)]
+
+
+def _star(points: int = 5, inner: float = 0.42) -> list[tuple[float, float]]:
+    out = []
+    for k in range(2 * points):
+        r = 1.0 if k % 2 == 0 else inner
+        a = -math.pi / 2 + math.pi * k / points
+        out.append((r * math.cos(a), r * math.sin(a)))
+    return out
+
+
+def _cross(w: float = 0.34) -> list[tuple[float, float]]:
+    return [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w),
+            (-1, -w), (-w, -w)]
+
+
+def _arrow() -> list[tuple[float, float]]:
+    return [(-1, -0.28), (0.15, -0.28), (0.15, -0.75), (1, 0), (0.15, 0.75), (0.15, 0.28), (-1, 0.28)]
+
+
+def _heart(n: int = 80) -> list[tuple[float, float]]:
+    pts = []
+    for k in range(n):
+        t = 2 * math.pi * k / n
+        x = 16 * math.sin(t) ** 3
+        y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+        pts.append((x / 17.0, -y / 17.0 - 0.05))
+    return pts
+
+
+# name -> (filled polygons, hole polygons, rotation-invariant?)
+_SHAPES = {
+    "circle": lambda: ([_circle_pts()], []),
+    "square": lambda: ([[(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)]], []),
+    "triangle": lambda: ([_regular(3)], []),
+    "star": lambda: ([_star()], []),
+    "cross": lambda: ([_cross()], []),
+    "ring": lambda: ([_circle_pts()], [_circle_pts(0.58)]),
+    "pentagon": lambda: ([_regular(5)], []),
+    "hexagon": lambda: ([_regular(6)], []),
+    "diamond": lambda: ([[(0, -1), (0.55, 0), (0, 1), (-0.55, 0)]], []),  # elongated rhombus
+    "crescent": lambda: ([_circle_pts()], [_circle_pts(0.85, cx=0.45)]),
+    "arrow": lambda: ([_arrow()], []),
+    "heart": lambda: ([_heart()], []),
+    "line": lambda: ([[(-1, -0.12), (1, -0.12), (1, 0.12), (-1, 0.12)]], []),
+}
+SUPPORTED_CLASSES = tuple(_SHAPES)
+
+
+def validate_classes(classes) -> list[str]:
+    """Checks `data.classes`; returns it as a list of str."""
+    expected = f"a list of at least two distinct shape names from {', '.join(SUPPORTED_CLASSES)}"
+    if isinstance(classes, str) or classes is None:
+        raise ConfigError("data.classes", classes, expected, "e.g. data.classes=[circle,square,star]")
+    classes = [str(c) for c in classes]
+    for c in classes:
+        if c not in _SHAPES:
+            raise ConfigError("data.classes", c, expected, did_you_mean(c, SUPPORTED_CLASSES).strip())
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise ConfigError("data.classes", classes, expected)
+    return classes
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """float32 HxWx3 in 0..255: random two-colour linear gradient plus gaussian noise."""
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    angle = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    t = (xx - 0.5) * math.cos(angle) + (yy - 0.5) * math.sin(angle) + 0.5
+    t = np.clip(t, 0, 1)[..., None]
+    img = c0 * (1 - t) + c1 * t
+    return img.astype(np.float32)
+
+
+def _pick_colour(rng: np.random.Generator, bg_mean: np.ndarray) -> tuple[int, int, int]:
+    """A random colour that stands out from the background mean (deterministic given rng)."""
+    best, best_d = None, -1.0
+    for _ in range(12):
+        c = rng.uniform(0, 255, 3)
+        d = float(np.linalg.norm(c - bg_mean))
+        if d > best_d:
+            best, best_d = c, d
+        if d > 110:
+            break
+    return tuple(int(v) for v in best)
+
+
+def render(kind: str, index: int, image_size: int, seed: int) -> np.ndarray:
+    """Image `index` of class `kind` as uint8 HxWx3. Deterministic in its arguments."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(kind.encode()), int(index)])
+    s = int(image_size)
+    big = s * SUPERSAMPLE
+
+    bg = _background(rng, s)
+    bg_mean = bg.reshape(-1, 3).mean(0)
+    fill = _pick_colour(rng, bg_mean)
+
+    # Shape geometry in the supersampled canvas.
+    radius = rng.uniform(0.2, 0.4) * big
+    margin = radius * 1.02
+    cx = rng.uniform(margin, big - margin)
+    cy = rng.uniform(margin, big - margin)
+    theta = rng.uniform(0, 2 * math.pi)
+    stretch = rng.uniform(0.85, 1.15)  # mild aspect jitter
+    cos_t, sin_t = math.cos(theta), math.sin(theta)
+
+    def place(poly):
+        out = []
+        for x, y in poly:
+            x, y = x * stretch, y / stretch
+            out.append((cx + radius * (x * cos_t - y * sin_t), cy + radius * (x * sin_t + y * cos_t)))
+        return out
+
+    filled, holes = _SHAPES[kind]()
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    for poly in filled:
+        draw.polygon(place(poly), fill=255)
+    for poly in holes:
+        draw.polygon(place(poly), fill=0)
+    mask = np.asarray(mask.resize((s, s), Image.Resampling.LANCZOS), dtype=np.float32)[..., None] / 255.0
+
+    # Distractor lines (drawn before the shape, so they pass behind it).
+    lines = Image.new("RGBA", (s, s), (0, 0, 0, 0))
+    ldraw = ImageDraw.Draw(lines)
+    for _ in range(int(rng.integers(0, 4))):
+        p = rng.uniform(0, s, 4)
+        colour = tuple(int(v) for v in rng.uniform(0, 255, 3)) + (int(rng.uniform(90, 200)),)
+        ldraw.line([(p[0], p[1]), (p[2], p[3])], fill=colour, width=int(rng.integers(1, max(2, s // 24) + 1)))
+    la = np.asarray(lines, dtype=np.float32)
+    alpha = la[..., 3:4] / 255.0
+    img = bg * (1 - alpha) + la[..., :3] * alpha
+
+    shade = rng.uniform(0.85, 1.0)  # slight shading variation inside the shape
+    img = img * (1 - mask) + np.asarray(fill, np.float32) * shade * mask
+    img = img + rng.normal(0.0, rng.uniform(4.0, 22.0), img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache folder
+# ---------------------------------------------------------------------------------------------
+def default_cache_dir() -> Path:
+    root = os.environ.get("FINETUNE_CACHE_DIR")
+    if root:
+        return Path(root).expanduser() / "shapes"
+    return Path("~/.cache/finetune/shapes").expanduser()
+
+
+def dataset_key(classes, num_per_class: int, image_size: int, seed: int) -> str:
+    params = {"version": GENERATOR_VERSION, "classes": list(classes), "num_per_class": int(num_per_class),
+              "image_size": int(image_size), "seed": int(seed)}
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temps(cache_dir: Path, key: str) -> None:
+    """Removes temp folders left by interrupted generations (same host, dead pid)."""
+    for tmp in cache_dir.glob(f".tmp-{key}-*"):
+        try:
+            pid = int(tmp.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_shapes(classes, num_per_class: int, image_size: int, seed: int, cache_dir=None,
+                  verbose: bool = True) -> Path:
+    """Returns the folder of the shapes dataset, generating it first if needed.
+
+    The folder holds one sub-folder per class, like a `folder` dataset.
+    """
+    classes = validate_classes(classes)
+    if isinstance(num_per_class, bool) or not isinstance(num_per_class, (int, np.integer)) or num_per_class < 1:
+        raise ConfigError("data.num_per_class", num_per_class, "an integer >= 1 (images per class)")
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or not 8 <= image_size <= 1024:
+        raise ConfigError("data.image_size", image_size, "an integer between 8 and 1024 (pixels)")
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    key = dataset_key(classes, num_per_class, image_size, seed)
+    final = cache_dir / key
+    if _is_complete(final):
+        return final
+
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(cache_dir, key)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-", dir=cache_dir))
+    except OSError as e:
+        raise DataError(
+            f"data.cache_dir: cannot write the shapes dataset to '{cache_dir}' ({e.strerror or e}); "
+            "set data.cache_dir=<writable folder> or the FINETUNE_CACHE_DIR environment variable") from e
+
+    total = len(classes) * int(num_per_class)
+    if verbose:
+        print(f"generating shapes dataset: {total} images -> {final}", file=sys.stderr, flush=True)
+    from PIL import Image
+
+    try:
+        for c in classes:
+            (tmp / c).mkdir()
+            for i in range(int(num_per_class)):
+                Image.fromarray(render(c, i, image_size, seed)).save(tmp / c / f"{c}_{i:04d}.png", optimize=False)
+        manifest = {"version": GENERATOR_VERSION, "classes": classes, "num_per_class": int(num_per_class),
+                    "image_size": int(image_size), "seed": int(seed), "images": total}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if final.exists() and not _is_complete(final):
+            # A folder without manifest was not written by us (or by an older, non-atomic writer).
+            broken = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-old-", dir=cache_dir))
+            os.replace(final, broken / "old")
+            shutil.rmtree(broken, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if _is_complete(final):  # a concurrent generation finished first: use its folder
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                raise
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(
+            f"data.cache_dir: cannot write the shapes dataset to '{cache_dir}' ({e.strerror or e}); "
+            "set data.cache_dir=<writable folder> or the FINETUNE_CACHE_DIR environment variable") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,110 @@
+"""Running a command as a Hydra app, and turning composition errors into one clear line."""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.cli import conf_dir
+from finetune.config import register_configs
+from finetune.errors import FinetuneError, did_you_mean
+
+# Flags after which composing the config ourselves first would be wrong or pointless.
+_NO_PRECHECK = {"-m", "--multirun", "-h", "--help", "--hydra-help", "-i", "--info", "-sc",
+                "--shell-completion", "-cp", "--config-path", "-cn", "--config-name", "-cd",
+                "--config-dir", "--experimental-rerun"}
+_FLAGS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "--resolve"}
+
+
+def overrides_of(args: list[str]) -> list[str] | None:
+    """The override arguments, or None when the arguments ask for something a precheck can't do."""
+    overrides, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg in _NO_PRECHECK or arg.split("=", 1)[0] in _NO_PRECHECK:
+            return None
+        if arg in _FLAGS_WITH_VALUE:
+            skip = arg != "--resolve"
+            continue
+        if arg.startswith("-"):
+            continue
+        overrides.append(arg)
+    return overrides
+
+
+def precheck(command: str, args: list[str]) -> str | None:
+    """Compose the config once; return a one-line message for the first problem, else None."""
+    overrides = overrides_of(args)
+    if overrides is None:
+        return None
+    register_configs()
+    try:
+        with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3", job_name=command):
+            hydra.compose(config_name=command, overrides=overrides, return_hydra_config=True)
+    except Exception as error:  # noqa: BLE001 - every composition error becomes one line
+        return explain_composition_error(error)
+    finally:
+        GlobalHydra.instance().clear()
+    return None
+
+
+def explain_composition_error(error: BaseException) -> str:
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file:
+        group, _, option = str(error.missing_cfg_file).rpartition("/")
+        options = list(error.options or [])
+        if group and options:
+            return (f"{group}: received {option!r}; expected one of {', '.join(options)}"
+                    f"{did_you_mean(option, options)}")
+    cause = error
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ConfigKeyError) and cause.full_key:
+        return _unknown_key(cause)
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        return f"{cause.full_key}: {cause.msg.splitlines()[0]}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(error).__name__
+
+
+def _unknown_key(cause) -> str:
+    key = str(cause.key)
+    parent = getattr(cause, "parent_node", None)
+    options = list(parent.keys()) if isinstance(parent, DictConfig) else []
+    expected = f"one of the keys {', '.join(options)}" if options else "a key of the schema"
+    return f"{cause.full_key}: unknown key {key!r}{did_you_mean(key, options)}; expected {expected}"
+
+
+def _task(command: str):
+    def task(cfg: DictConfig):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        module = importlib.import_module(f"finetune.commands.{command}")
+        try:
+            result = module.run(cfg, Path(hydra_cfg.runtime.output_dir))
+        except FinetuneError as error:
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                raise
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        return module.objective(result) if hasattr(module, "objective") else None
+
+    return task
+
+
+def run_app(command: str, args: list[str]) -> int:
+    register_configs()
+    sys.argv = [f"finetune {command}", *args]
+    app = hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_task(command))
+    app()
+    return 0

@@ -1,0 +1,79 @@
+"""Assemble preprocessing + backbone + head into one functional Keras model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+
+from finetune.backbones import BackboneSpec, block_map, build_backbone
+from finetune.config import choice
+from finetune.errors import ConfigError
+from finetune.heads import build_head
+from finetune.preprocessing import BackbonePreprocess
+
+
+@dataclass
+class Parts:
+    """The pieces a model is assembled from; kept so each stage can re-assemble around them."""
+    spec: BackboneSpec
+    input_shape: tuple[int, int, int]
+    preprocess: keras.layers.Layer
+    backbone: keras.Model
+    head: list
+    blocks: list
+
+
+def input_shape_of(cfg_backbone, spec: BackboneSpec) -> tuple[int, int, int]:
+    """(h, w, 3) from backbone.input_shape, or the backbone's native size."""
+    shape = cfg_backbone.input_shape
+    if shape is None:
+        return (spec.native_size, spec.native_size, 3)
+    return (int(shape[0]), int(shape[1]), 3)
+
+
+def weights_source(cfg_backbone):
+    weights = cfg_backbone.weights
+    return None if weights in (None, "null", "none", "None") else str(weights)
+
+
+def weights_error(spec: BackboneSpec, weights, error: Exception) -> Exception:
+    if weights == "imagenet" and ("URL fetch failure" in str(error) or "Errno" in str(error)):
+        return ConfigError(
+            "backbone.weights", "imagenet",
+            f"weights Keras can download; the download of {spec.name}'s ImageNet weights failed "
+            f"({str(error).splitlines()[0][:160]})",
+            "Offline: use backbone.weights=null (random init), backbone.weights=<local weights file>, "
+            "or copy the file into ~/.keras/models/ on this machine")
+    if weights not in (None, "imagenet"):
+        return ConfigError(
+            "backbone.weights", weights,
+            f"a weights file saved from {spec.name} with the same include_top/pooling/input channels "
+            f"(loading failed: {type(error).__name__}: {str(error).splitlines()[0][:200]})")
+    return error
+
+
+def build_parts(cfg_backbone, cfg_head, spec: BackboneSpec, num_classes: int) -> Parts:
+    shape = input_shape_of(cfg_backbone, spec)
+    weights = weights_source(cfg_backbone)
+    try:
+        backbone = build_backbone(spec, weights=weights, input_shape=shape,
+                                  include_top=bool(cfg_backbone.include_top),
+                                  pooling=choice(cfg_backbone.pooling))
+    except Exception as error:  # noqa: BLE001 - Keras' own messages here mislead; say what to do
+        raise weights_error(spec, weights, error) from error
+    return Parts(spec=spec, input_shape=shape,
+                 preprocess=BackbonePreprocess(spec.preprocess, name="preprocess"),
+                 backbone=backbone, head=build_head(cfg_head, num_classes),
+                 blocks=block_map(spec, backbone))
+
+
+def assemble(parts: Parts, backbone_training: bool | None = None) -> keras.Model:
+    """A functional model over the shared layers. `backbone_training=False` runs the whole backbone in
+    inference mode (the Keras transfer-learning guide's recipe for a frozen backbone: BatchNorm and
+    dropout inside it behave as at test time); None lets each layer follow the fit/predict phase."""
+    inputs = keras.Input(shape=parts.input_shape, name="image")
+    x = parts.preprocess(inputs)
+    x = parts.backbone(x, training=backbone_training)
+    for layer in parts.head:
+        x = layer(x)
+    return keras.Model(inputs, x, name=f"finetune_{parts.spec.name}")

@@ -1,0 +1,60 @@
+"""What a run reports at the end: per-class metrics, confusion matrix and training-curve plots."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
+
+
+def per_class_metrics(y_true, y_pred, class_names: list[str]) -> dict[str, float]:
+    """{"<split>_precision_<class>": ...} style dict without the split prefix."""
+    labels = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0)
+    out = {}
+    for i, name in enumerate(class_names):
+        out[f"precision_{name}"] = float(precision[i])
+        out[f"recall_{name}"] = float(recall[i])
+        out[f"f1_{name}"] = float(f1[i])
+    out["macro_f1"] = float(np.mean(f1))
+    return out
+
+
+def plot_confusion_matrix(y_true, y_pred, class_names: list[str], path, title: str) -> np.ndarray:
+    matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(class_names))))
+    size = max(4.0, 0.5 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center",
+                color="white" if value > matrix.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return matrix
+
+
+def plot_training_curves(history: dict[str, list[float]], stage_starts: list[tuple[str, int]], path):
+    """Loss and accuracy per epoch (train and validation), a dashed line where each stage starts."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for key, style in ((metric, "-"), (f"val_{metric}", "--")):
+            if history.get(key):
+                ax.plot(range(1, len(history[key]) + 1), history[key], style, label=key)
+        for name, start in stage_starts[1:]:
+            ax.axvline(start + 0.5, color="grey", linestyle=":")
+            ax.text(start + 0.6, ax.get_ylim()[1], name, va="top", fontsize=8)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,97 @@
+"""MLflow: where runs go, flattened params, a per-epoch metric callback, artifacts."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import keras
+import mlflow
+
+# MLflow's limits (mlflow.utils.validation): param values 6000 chars, keys 250, 100 params a batch.
+MAX_PARAM_VALUE = 6000
+MAX_PARAM_KEY = 250
+PARAM_BATCH = 100
+
+
+def tracking_uri(cfg_tracking) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else an absolute SQLite file in the working dir."""
+    if cfg_tracking.uri:
+        return str(cfg_tracking.uri)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def artifact_location(cfg_tracking, uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: beside a local store, absolute; a server decides itself."""
+    if cfg_tracking.artifact_location:
+        return str(cfg_tracking.artifact_location)
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def use_experiment(cfg_tracking) -> str:
+    """Point MLflow at the store and experiment; returns the experiment id."""
+    uri = tracking_uri(cfg_tracking)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(cfg_tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow.create_experiment(cfg_tracking.experiment,
+                                    artifact_location=artifact_location(cfg_tracking, uri))
+
+
+def flatten(tree, prefix: str = "") -> dict[str, str]:
+    """{"a.b": "1", ...} from nested dicts/lists, values as strings within MLflow's limits."""
+    flat: dict[str, str] = {}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name[:MAX_PARAM_KEY]] = _param_value(value)
+    return flat
+
+
+def _param_value(value) -> str:
+    text = str(value)
+    return text if len(text) <= MAX_PARAM_VALUE else text[:MAX_PARAM_VALUE - 3] + "..."
+
+
+def log_params(params: dict) -> None:
+    items = [(k[:MAX_PARAM_KEY], _param_value(v)) for k, v in params.items()]
+    for start in range(0, len(items), PARAM_BATCH):
+        mlflow.log_params(dict(items[start:start + PARAM_BATCH]))
+
+
+class MlflowEpochMetrics(keras.callbacks.Callback):
+    """Logs every epoch's metrics and learning rate at the global epoch (continuous across stages)."""
+
+    def __init__(self, stage_index: int):
+        super().__init__()
+        self.stage_index = stage_index
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = {k: float(v) for k, v in (logs or {}).items() if _is_number(v)}
+        metrics["stage"] = float(self.stage_index)
+        lr = getattr(self.model.optimizer, "learning_rate", None)
+        if lr is not None:
+            metrics["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
+        mlflow.log_metrics(metrics, step=epoch)
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
+    """How to look at the run: `mlflow ui` on this store, and the run's page (training runs view)."""
+    store = f" --backend-store-uri {uri}" if uri.startswith("sqlite:") else ""
+    return (f"mlflow ui{store}   then open "
+            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}")

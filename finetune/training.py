@@ -1,0 +1,71 @@
+"""Stages, optimizers, compile and fit: small verb-named steps the train command composes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+
+from finetune.config import choice
+
+
+@dataclass
+class Stage:
+    name: str
+    epochs: int
+    policy: str
+    n: int
+    lr: float
+
+
+def resolve_stages(cfg) -> list[Stage]:
+    """The stages of a run: trainer.stages if given, else one stage from `freeze` and trainer.epochs."""
+    base_policy, base_n, lr = choice(cfg.freeze.name), int(cfg.freeze.n), float(cfg.optimizer.lr)
+    if not cfg.trainer.stages:
+        return [Stage("train", int(cfg.trainer.epochs), base_policy, base_n, lr)]
+    return [Stage(name=s.name, epochs=int(s.epochs),
+                  policy=choice(s.freeze) if s.freeze is not None else base_policy,
+                  n=int(s.n) if s.n is not None else base_n,
+                  lr=lr * float(s.lr_scale))
+            for s in cfg.trainer.stages]
+
+
+def make_optimizer(cfg_opt, lr: float):
+    kind = choice(cfg_opt.name)
+    extra = {"clipnorm": cfg_opt.clipnorm} if cfg_opt.clipnorm else {}
+    if kind == "adam":
+        return keras.optimizers.Adam(learning_rate=lr, **extra)
+    if kind == "adamw":
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=cfg_opt.weight_decay, **extra)
+    if kind == "sgd":
+        return keras.optimizers.SGD(learning_rate=lr, momentum=cfg_opt.momentum,
+                                    nesterov=cfg_opt.nesterov, **extra)
+    raise ValueError(f"Expected optimizer in adam, adamw, sgd. Received: {kind!r}")
+
+
+def metric_objects(num_classes: int) -> list:
+    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    if num_classes > 5:
+        metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"))
+    return metrics
+
+
+def compile_model(model, cfg_opt, lr: float, num_classes: int) -> None:
+    """(Re)compile: required after any change of `trainable` for it to take effect."""
+    model.compile(optimizer=make_optimizer(cfg_opt, lr),
+                  loss=keras.losses.SparseCategoricalCrossentropy(),
+                  metrics=metric_objects(num_classes))
+
+
+def early_stopping(cfg_es) -> list:
+    if not cfg_es.enabled:
+        return []
+    return [keras.callbacks.EarlyStopping(monitor=cfg_es.monitor, patience=cfg_es.patience,
+                                          restore_best_weights=cfg_es.restore_best_weights)]
+
+
+def fit_stage(model, train_ds, val_ds, *, first_epoch: int, epochs: int, callbacks: list,
+              steps_per_epoch: int | None, verbose: int):
+    """Fit one stage; epochs are numbered continuously across stages. Returns the History."""
+    return model.fit(train_ds, validation_data=val_ds, initial_epoch=first_epoch,
+                     epochs=first_epoch + epochs, callbacks=callbacks,
+                     steps_per_epoch=steps_per_epoch, verbose=verbose)

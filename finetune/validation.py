@@ -1,0 +1,116 @@
+"""Cross-field checks of a composed config, before TensorFlow is imported or anything is downloaded.
+
+Hydra already rejects unknown keys and wrong types against the schema in `config.py`; these are the
+rules that need the backbone registry or more than one key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.backbones import BackboneSpec, get_spec
+from finetune.config import choice
+from finetune.errors import ConfigError
+
+WEIGHTS_SUFFIXES = (".h5", ".keras")
+
+
+def validate_train(cfg) -> BackboneSpec:
+    """Raise ConfigError on the first problem; returns the backbone spec."""
+    spec = get_spec(cfg.backbone.name)
+    check_backbone(cfg.backbone, spec)
+    check_head(cfg.head, cfg.backbone)
+    check_freeze(cfg, spec)
+    check_trainer(cfg.trainer, cfg.optimizer)
+    check_data_splits(cfg.data)
+    return spec
+
+
+def check_backbone(cfg_backbone, spec: BackboneSpec) -> None:
+    shape = cfg_backbone.input_shape
+    weights = cfg_backbone.weights
+    if shape is not None:
+        shape = list(shape)
+        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] != 3):
+            raise ConfigError("backbone.input_shape", shape, "[height, width] or [height, width, 3]")
+        if min(shape[:2]) < spec.min_size:
+            raise ConfigError("backbone.input_shape", shape,
+                              f"each side >= {spec.min_size}, the smallest input {spec.name} accepts")
+    native = shape is None or tuple(shape[:2]) == (spec.native_size, spec.native_size)
+    if weights == "imagenet" and not native:
+        if cfg_backbone.include_top:
+            raise ConfigError("backbone.input_shape", shape,
+                              f"null or [{spec.native_size}, {spec.native_size}] with include_top=true "
+                              "and imagenet weights (the classifier is tied to the native size)")
+        if spec.native_size_required_for_weights:
+            raise ConfigError("backbone.input_shape", shape,
+                              f"null or [{spec.native_size}, {spec.native_size}]: {spec.name}'s "
+                              "imagenet weights exist only at its native size")
+        if spec.weight_sizes and (shape[0] != shape[1] or shape[0] not in spec.weight_sizes):
+            raise ConfigError("backbone.input_shape", shape,
+                              f"a square size in {list(spec.weight_sizes)} for {spec.name}'s imagenet weights")
+    if weights not in (None, "imagenet"):
+        path = Path(str(weights)).expanduser()
+        if not path.is_file():
+            raise ConfigError("backbone.weights", weights,
+                              "'imagenet', null, or the path of an existing weights file")
+        if not path.name.endswith(WEIGHTS_SUFFIXES):
+            raise ConfigError("backbone.weights", weights,
+                              "a Keras weights file (.weights.h5, .h5) or a .keras model")
+
+
+def check_head(cfg_head, cfg_backbone) -> None:
+    kind = choice(cfg_head.name)
+    if cfg_backbone.include_top:
+        raise ConfigError("backbone.include_top", True,
+                          "false for train (a new head replaces the ImageNet classifier; "
+                          "`finetune classify` uses the ImageNet classes)")
+    if kind in ("linear", "mlp") and cfg_backbone.pooling is None:
+        raise ConfigError("backbone.pooling", None,
+                          f"avg or max for head={kind}, which needs pooled features "
+                          "(or head=flatten_mlp for unpooled feature maps)")
+    if kind == "flatten_mlp" and not cfg_head.units:
+        raise ConfigError("head.units", list(cfg_head.units), "at least one hidden size, e.g. [1024]")
+    if not 0.0 <= cfg_head.dropout < 1.0:
+        raise ConfigError("head.dropout", cfg_head.dropout, "a rate in [0, 1)")
+    if any(u < 1 for u in cfg_head.units):
+        raise ConfigError("head.units", list(cfg_head.units), "positive layer sizes")
+
+
+def check_freeze(cfg, spec: BackboneSpec) -> None:
+    blocks = len(spec.blocks)
+    checks = [("freeze.n", choice(cfg.freeze.name), cfg.freeze.n)]
+    checks += [(f"trainer.stages[{i}].n", choice(s.freeze) if s.freeze is not None else choice(cfg.freeze.name),
+                s.n if s.n is not None else cfg.freeze.n) for i, s in enumerate(cfg.trainer.stages)]
+    for key, policy, n in checks:
+        if policy == "last_n" and not 1 <= n <= blocks:
+            raise ConfigError(key, n, f"1..{blocks}, the number of blocks in {spec.name}'s block map "
+                                      f"({', '.join(spec.blocks)})")
+
+
+def check_trainer(cfg_trainer, cfg_optimizer) -> None:
+    if cfg_trainer.batch_size < 1:
+        raise ConfigError("trainer.batch_size", cfg_trainer.batch_size, "an integer >= 1")
+    if not cfg_trainer.stages and cfg_trainer.epochs < 1:
+        raise ConfigError("trainer.epochs", cfg_trainer.epochs, "an integer >= 1")
+    for i, stage in enumerate(cfg_trainer.stages):
+        if stage.epochs < 1:
+            raise ConfigError(f"trainer.stages[{i}].epochs", stage.epochs, "an integer >= 1")
+        if stage.lr_scale <= 0:
+            raise ConfigError(f"trainer.stages[{i}].lr_scale", stage.lr_scale, "a number > 0")
+    if cfg_optimizer.lr <= 0:
+        raise ConfigError("optimizer.lr", cfg_optimizer.lr, "a learning rate > 0")
+    if cfg_trainer.steps_per_epoch is not None and cfg_trainer.steps_per_epoch < 1:
+        raise ConfigError("trainer.steps_per_epoch", cfg_trainer.steps_per_epoch, "null or an integer >= 1")
+
+
+def check_data_splits(cfg_data) -> None:
+    if cfg_data.source == "tfds":
+        return
+    val, test = cfg_data.val_split, cfg_data.test_split
+    for key, value in (("data.val_split", val), ("data.test_split", test)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(key, value, "a fraction in [0, 1)")
+    if val + test >= 0.9:
+        raise ConfigError("data.val_split", val, f"val_split + test_split < 0.9 (test_split={test})")
+    if val == 0 and not cfg_data.get("val_path"):
+        raise ConfigError("data.val_split", val, "> 0, or a separate data.val_path")

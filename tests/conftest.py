@@ -1,0 +1,56 @@
+"""Shared fixtures: run the real CLI in a subprocess against one MLflow store per test session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A model small enough to train in seconds on 2 CPU cores, on a few dozen generated images.
+TINY = ["backbone=mobilenet_v2", "backbone.weights=null", "backbone.input_shape=[32,32]",
+        "trainer.epochs=1", "trainer.batch_size=16", "trainer.verbose=0"]
+TINY_SHAPES = ["data=shapes", "data.num_per_class=8", "data.image_size=32",
+               "data.classes=[circle,square,triangle]"]
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> Path:
+    """Working directory holding this session's MLflow store (sqlite) and run outputs."""
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def cli(store, cache_dir):
+    """cli(*args, experiment=...) -> CompletedProcess of `python -m finetune ...` in the store dir."""
+
+    def run(*args, experiment: str | None = None, timeout: int = 600, env: dict | None = None):
+        full_env = {**os.environ, "FINETUNE_CACHE_DIR": str(cache_dir), "TF_CPP_MIN_LOG_LEVEL": "2",
+                    **(env or {})}
+        full_env.pop("MLFLOW_TRACKING_URI", None)
+        extra = [f"tracking.experiment={experiment}"] if experiment else []
+        return subprocess.run([sys.executable, "-m", "finetune", *args, *extra], cwd=store,
+                              env=full_env, capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def mlflow_client(store):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+
+
+def runs_of(client, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
+    return client.search_runs([exp.experiment_id])

@@ -1,0 +1,84 @@
+"""Config composition and validation: every option composes, bad values get one line and exit 2."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+
+from finetune.backbones import BACKBONES
+from finetune.cli import conf_dir
+from finetune.config import register_configs
+from finetune.errors import ConfigError
+from finetune.hydra_app import precheck
+from finetune.validation import validate_train
+
+CONF = conf_dir()
+GROUPS = ["backbone", "freeze", "head", "data", "optimizer", "trainer", "tracking", "experiment"]
+
+
+def compose(*overrides):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with hydra.initialize_config_dir(str(CONF), version_base="1.3"):
+        return hydra.compose("train", overrides=list(overrides))
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes(group, option):
+    extra = ["data.path=/somewhere"] if (group, option) == ("data", "folder") else []
+    cfg = compose(f"{group}={option}", *extra)
+    if group == "backbone":
+        assert cfg.backbone.name == option
+    if group == "data":
+        assert cfg.data.source == option
+
+
+def test_backbone_group_lists_every_registered_model():
+    assert options("backbone") == sorted(BACKBONES)
+
+
+def test_compose_never_imports_tensorflow():
+    compose("backbone=resnet50", "freeze=last_n", "freeze.n=2", "head=mlp")
+    validate_train(compose("backbone=resnet50", "freeze=last_n", "freeze.n=2", "head=mlp"))
+    assert "tensorflow" not in sys.modules
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["backbone=resnet5"], "backbone"),
+    (["backbone.pooling=mean"], "backbone.pooling"),
+    (["trainer.epoch=3"], "trainer.epoch"),
+    (["trainer.epochs=three"], "trainer.epochs"),
+    (["freeze=some"], "freeze"),
+    (["head.units=12"], "head.units"),
+])
+def test_composition_errors_are_one_line_naming_the_key(overrides, key):
+    message = precheck("train", overrides)
+    assert message is not None and "\n" not in message
+    assert message.startswith(key), message
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["backbone=inception_v3", "backbone.input_shape=[64,64]"], "backbone.input_shape"),
+    (["backbone=resnet50", "backbone.input_shape=[16,16]"], "backbone.input_shape"),
+    (["backbone=vgg16", "backbone.include_top=true", "backbone.input_shape=[64,64]"], "backbone.input_shape"),
+    (["backbone=vgg16", "backbone.include_top=true", "backbone.weights=null"], "backbone.include_top"),
+    (["backbone=vgg16", "freeze=last_n", "freeze.n=99"], "freeze.n"),
+    (["backbone.pooling=null"], "backbone.pooling"),
+    (["backbone.weights=/no/such/file.weights.h5"], "backbone.weights"),
+    (["optimizer.lr=0"], "optimizer.lr"),
+    (["data.val_split=0"], "data.val_split"),
+    (["experiment=two_stage", "backbone=vgg16", "trainer.stages.1.n=9"], "trainer.stages[1].n"),
+])
+def test_cross_field_errors_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        validate_train(compose(*overrides))
+    assert info.value.key == key
+    assert "\n" not in str(info.value)
+    assert "expected" in str(info.value)

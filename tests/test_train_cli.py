@@ -1,0 +1,200 @@
+"""`finetune train` end to end through the real CLI (subprocesses), checked in the MLflow store."""
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY, TINY_SHAPES, runs_of
+
+pytestmark = pytest.mark.slow
+
+ARTIFACTS = {"config.yaml", "overrides.yaml", "label_map.json", "confusion_matrix.png",
+             "confusion_matrix.csv", "training_curves.png", "metrics.json"}
+
+
+def artifact_paths(client, run_id, path=""):
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def assert_recorded(client, run, *, epochs, classes):
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    for key in ("backbone", "weights_source", "input_shape", "params_total", "stage1.params_trainable",
+                "stage1.params_frozen", "dataset", "train_size", "val_size", "num_classes",
+                "class_names", "trainer.batch_size", "backbone.name", "freeze.name"):
+        assert key in params, key
+    assert params["num_classes"] == str(len(classes))
+    assert params["class_names"] == ",".join(classes)
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "stage"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == list(range(epochs)), key
+    assert "final_val_accuracy" in run.data.metrics
+    paths = artifact_paths(client, run.info.run_id)
+    names = {p.rsplit("/", 1)[-1] for p in paths}
+    assert ARTIFACTS <= names, ARTIFACTS - names
+    assert "model/model.keras" in paths
+    assert any(p.startswith("freeze_plan/") for p in paths)
+    return paths
+
+
+def test_shapes_run_records_params_metrics_artifacts(cli, mlflow_client, store):
+    result = cli("train", *TINY, *TINY_SHAPES, "trainer.epochs=2", experiment="e2e_shapes")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "freeze plan" in result.stdout and "run id" in result.stdout and "mlflow ui" in result.stdout
+    (run,) = runs_of(mlflow_client, "e2e_shapes")
+    assert_recorded(mlflow_client, run, epochs=2, classes=["circle", "square", "triangle"])
+    assert run.data.params["weights_source"] == "random"
+    for name in ("circle", "square", "triangle"):
+        assert f"test_f1_{name}" in run.data.metrics
+    # the logged model loads in Keras safe mode and carries its own preprocessing
+    import keras
+
+    import finetune.preprocessing  # noqa: F401  registers BackbonePreprocess
+
+    local = mlflow_client.download_artifacts(run.info.run_id, "model", str(store / "download"))
+    model = keras.saving.load_model(f"{local}/model.keras", safe_mode=True)
+    probs = model.predict(np.zeros((2, 32, 32, 3), "float32"), verbose=0)
+    assert probs.shape == (2, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    labels = json.loads((store / "download" / "model" / "label_map.json").read_text())
+    assert labels["class_names"] == ["circle", "square", "triangle"]
+
+
+def test_digits_run(cli, mlflow_client):
+    result = cli("train", *TINY, "data=digits", "data.val_split=0.5", "data.test_split=0.3",
+                 experiment="e2e_digits")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs_of(mlflow_client, "e2e_digits")
+    assert_recorded(mlflow_client, run, epochs=1, classes=[str(i) for i in range(10)])
+    assert int(run.data.params["train_size"]) + int(run.data.params["val_size"]) + \
+        int(run.data.params["test_size"]) == 1797
+    assert "top5_accuracy" in run.data.metrics  # 10 classes > 5
+
+
+def write_folder(root, classes=("cat", "dog", "fox"), per_class=6):
+    rng = np.random.default_rng(0)
+    modes = ["RGB", "L", "RGBA", "P"]
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)
+            pixels[..., c] = 255
+            image = Image.fromarray(pixels).convert(modes[i % 4])
+            image.save(root / name / f"{i}.{'png' if i % 2 else 'jpg' if image.mode in ('RGB', 'L') else 'png'}")
+    return root
+
+
+def test_folder_run(cli, mlflow_client, tmp_path):
+    root = write_folder(tmp_path / "photos")
+    result = cli("train", *TINY, "data=folder", f"data.path={root}", "data.val_split=0.34",
+                 experiment="e2e_folder")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs_of(mlflow_client, "e2e_folder")
+    assert_recorded(mlflow_client, run, epochs=1, classes=["cat", "dog", "fox"])
+    assert run.data.params["dataset"].startswith("folder")
+
+
+def test_tfds_run_on_mock_data(mlflow_client, store, cache_dir, tmp_path):
+    """The real CLI entry point, with tensorflow-datasets' mock_data standing in for the download."""
+    script = textwrap.dedent(f"""
+        import sys
+        import tensorflow_datasets as tfds
+        from finetune.cli import main
+        with tfds.testing.mock_data(num_examples=24):
+            sys.exit(main(sys.argv[1:]))
+    """)
+    import os
+    import subprocess
+
+    args = ["train", *TINY, "data=tfds", "data.name=mnist", "data.train_split=train",
+            "data.val_split=test", "data.test_split=null", "tracking.experiment=e2e_tfds"]
+    env = {**os.environ, "FINETUNE_CACHE_DIR": str(cache_dir)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run([sys.executable, "-c", script, *args], cwd=store, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs_of(mlflow_client, "e2e_tfds")
+    assert_recorded(mlflow_client, run, epochs=1, classes=[str(i) for i in range(10)])
+
+
+def test_two_stage_preset_runs_both_stages_with_one_history(cli, mlflow_client):
+    result = cli("train", *TINY, *TINY_SHAPES, "experiment=two_stage", "trainer.stages.0.epochs=1",
+                 "trainer.stages.1.epochs=2", experiment="e2e_two_stage")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("freeze plan, stage") == 2
+    (run,) = runs_of(mlflow_client, "e2e_two_stage")
+    client = mlflow_client
+    stages = [m.value for m in client.get_metric_history(run.info.run_id, "stage")]
+    assert stages == [0.0, 1.0, 1.0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [0, 1, 2]
+    lrs = [m.value for m in client.get_metric_history(run.info.run_id, "learning_rate")]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[1] == pytest.approx(1e-4)  # recompiled at 10x lower
+    params = run.data.params
+    assert params["stage1.freeze"] == "all" and params["stage2.freeze"] == "last_n"
+    assert int(params["stage2.params_trainable"]) > int(params["stage1.params_trainable"])
+
+
+@pytest.mark.parametrize("preset,extra", [
+    ("seed_vgg16_flatten", ["backbone.input_shape=[32,32,3]", "backbone.weights=null"]),
+    ("quickstart", ["backbone.input_shape=[32,32]"]),
+])
+def test_every_preset_runs_one_tiny_step(cli, mlflow_client, preset, extra):
+    result = cli("train", f"experiment={preset}", *extra, *TINY_SHAPES, "trainer.steps_per_epoch=1",
+                 "trainer.epochs=1", "trainer.verbose=0", experiment=f"e2e_preset_{preset}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs_of(mlflow_client, f"e2e_preset_{preset}")
+    assert run.info.status == "FINISHED"
+
+
+def test_help_cfg_and_module_entry(cli, mlflow_client):
+    top = cli("--help")
+    assert top.returncode == 0 and "train" in top.stdout
+    help_ = cli("train", "--help")
+    assert help_.returncode == 0
+    for group in ("backbone", "freeze", "head", "data", "optimizer", "experiment"):
+        assert f"{group}:" in help_.stdout, group
+    cfg = cli("train", "--cfg", "job", "backbone=resnet50", "freeze=last_n", "freeze.n=2", "head=mlp")
+    assert cfg.returncode == 0, cfg.stderr
+    assert "name: resnet50" in cfg.stdout and "name: last_n" in cfg.stdout
+    assert mlflow_client.get_experiment_by_name("finetune") is None  # --cfg ran nothing
+
+
+def test_bad_configs_exit_2_with_one_line_and_no_run(cli, mlflow_client, tmp_path):
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "only" / "a.png")
+    write_folder(tmp_path / "empty_class")
+    (tmp_path / "empty_class" / "ghost").mkdir()
+    cases = [
+        (["backbone=resnet5"], "backbone"),
+        (["trainer.epoch=3"], "trainer.epoch"),
+        (["backbone=vgg16", "freeze=last_n", "freeze.n=99"], "freeze.n"),
+        (["backbone=inception_v3", "backbone.input_shape=[64,64]"], "backbone.input_shape"),
+        (["data=folder", f"data.path={tmp_path / 'missing'}"], "data.path"),
+        (["data=folder", f"data.path={tmp_path / 'one'}"], "data.path"),
+        (["data=folder", f"data.path={tmp_path / 'empty_class'}"], "ghost"),
+    ]
+    for overrides, needle in cases:
+        result = cli("train", *overrides, experiment="e2e_bad")
+        assert result.returncode == 2, (overrides, result.stderr[-2000:])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (overrides, lines)
+    exp = mlflow_client.get_experiment_by_name("e2e_bad")
+    assert exp is None or not mlflow_client.search_runs([exp.experiment_id])
+
+
+def test_failure_inside_a_run_marks_it_failed(cli, mlflow_client, tmp_path):
+    bogus = tmp_path / "not_weights.weights.h5"
+    bogus.write_bytes(b"this is not an HDF5 file")
+    result = cli("train", *TINY, *TINY_SHAPES, f"backbone.weights={bogus}", experiment="e2e_failed")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "backbone.weights" in result.stderr
+    (run,) = runs_of(mlflow_client, "e2e_failed")
+    assert run.info.status == "FAILED"
+    assert "backbone.weights" in run.data.tags["error"]
