@@ -1,6 +1,7 @@
 """Running a command as a Hydra app, and turning composition errors into one clear line."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from pathlib import Path
@@ -56,7 +57,7 @@ def precheck(command: str, args: list[str]) -> str | None:
 
 def explain_composition_error(error: BaseException) -> str:
     from hydra.errors import MissingConfigException
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     if isinstance(error, MissingConfigException) and error.missing_cfg_file:
         group, _, option = str(error.missing_cfg_file).rpartition("/")
@@ -67,7 +68,7 @@ def explain_composition_error(error: BaseException) -> str:
     cause = error
     while cause is not None and not isinstance(cause, OmegaConfBaseException):
         cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, ConfigKeyError) and cause.full_key:
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
         return _unknown_key(cause)
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         return f"{cause.full_key}: {cause.msg.splitlines()[0]}"
@@ -77,8 +78,13 @@ def explain_composition_error(error: BaseException) -> str:
 
 def _unknown_key(cause) -> str:
     key = str(cause.key)
-    parent = getattr(cause, "parent_node", None)
-    options = list(parent.keys()) if isinstance(parent, DictConfig) else []
+    parent, schema = getattr(cause, "parent_node", None), getattr(cause, "object_type", None)
+    if isinstance(parent, DictConfig):
+        options = list(parent.keys())
+    elif dataclasses.is_dataclass(schema):
+        options = [f.name for f in dataclasses.fields(schema)]
+    else:
+        options = []
     expected = f"one of the keys {', '.join(options)}" if options else "a key of the schema"
     return f"{cause.full_key}: unknown key {key!r}{did_you_mean(key, options)}; expected {expected}"
 

@@ -68,4 +68,5 @@ def fit_stage(model, train_ds, val_ds, *, first_epoch: int, epochs: int, callbac
     """Fit one stage; epochs are numbered continuously across stages. Returns the History."""
     return model.fit(train_ds, validation_data=val_ds, initial_epoch=first_epoch,
                      epochs=first_epoch + epochs, callbacks=callbacks,
-                     steps_per_epoch=steps_per_epoch, verbose=verbose)
+                     steps_per_epoch=steps_per_epoch, verbose=verbose,
+                     shuffle=False)  # the pipeline shuffles; this only silences Keras

@@ -1,6 +1,7 @@
 """Config composition and validation: every option composes, bad values get one line and exit 2."""
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,10 +45,14 @@ def test_backbone_group_lists_every_registered_model():
     assert options("backbone") == sorted(BACKBONES)
 
 
-def test_compose_never_imports_tensorflow():
-    compose("backbone=resnet50", "freeze=last_n", "freeze.n=2", "head=mlp")
-    validate_train(compose("backbone=resnet50", "freeze=last_n", "freeze.n=2", "head=mlp"))
-    assert "tensorflow" not in sys.modules
+def test_compose_and_validate_never_import_tensorflow():
+    code = ("import sys; from tests.test_config import compose; from finetune.validation import validate_train;"
+            "validate_train(compose('backbone=resnet50', 'freeze=last_n', 'freeze.n=2', 'head=mlp'));"
+            "from finetune.hydra_app import precheck; assert precheck('train', ['backbone=vgg16']) is None;"
+            "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=CONF.parent, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
 
 
 @pytest.mark.parametrize("overrides,key", [

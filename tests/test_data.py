@@ -151,7 +151,7 @@ def test_shapes_config_errors(tmp_path):
         load_dataset(shapes_cfg(tmp_path, val_split=1.5))
     with pytest.raises(ConfigError, match="data.cache"):
         load_dataset(shapes_cfg(tmp_path, cache="disk"))
-    with pytest.raises(ConfigError, match="data.name: received 'shape'.*did you mean 'shapes'"):
+    with pytest.raises(ConfigError, match="data.name: received 'shape'.*Did you mean 'shapes'"):
         load_dataset(NS(name="shape"))
 
 
@@ -307,7 +307,7 @@ def test_tfds_name_forms_and_unknown_name(tmp_path):
     assert source_of(NS(name="tfds", dataset="mnist")) == "tfds"
     assert source_of(NS(name="tfds:mnist")) == "tfds"
     assert source_of(NS(name="mnist", train_split="train")) == "tfds"
-    with pytest.raises(ConfigError, match="data.dataset: received 'mnsit'.*did you mean 'mnist'"):
+    with pytest.raises(ConfigError, match="data.dataset: received 'mnsit'.*Did you mean 'mnist'"):
         load_dataset(NS(name="tfds", dataset="mnsit", data_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match="data.val_split.*string"):
         load_dataset(NS(name="tfds", dataset="mnist", val_split=0.2, data_dir=str(tmp_path)))
@@ -329,3 +329,22 @@ def test_tfds_offline_error_is_fast(tmp_path, monkeypatch):
     assert str(tmp_path) in msg and "\n" not in msg
     with pytest.raises(DataError, match="not prepared.*data.download=false"):
         load_dataset(NS(name="tfds", dataset="tf_flowers", data_dir=str(tmp_path), download=False))
+
+
+def test_tfds_prepared_dataset_offline(tmp_path):
+    """A really prepared dataset (tfds' offline DummyMnist): split sizes, download=false, bad split."""
+    pytest.importorskip("importlib_resources")  # tfds' download_and_prepare needs it (etils.epath)
+    from tensorflow_datasets.testing import DummyMnist
+
+    from finetune.data import make_pipeline
+
+    DummyMnist(data_dir=str(tmp_path)).download_and_prepare()  # 20 train + 20 test fake examples
+    cfg = dict(name="tfds", dataset="dummy_mnist", data_dir=str(tmp_path), download=False,
+               train_split="train[:60%]", val_split="train[60%:]", test_split="test")
+    d = load_dataset(NS(**cfg))
+    assert d.sizes() == {"train": 12, "val": 8, "test": 20} and d.class_names == [str(i) for i in range(10)]
+    got = batches(make_pipeline(d, "val", 16, 3, training=False, seed=0))
+    assert [len(b[1]) for b in got] == [3, 3, 2] and got[0][0].shape == (3, 16, 16, 3)
+    assert np.array_equal(got[0][0][..., 0], got[0][0][..., 2])  # grayscale -> RGB
+    with pytest.raises(ConfigError, match="data.train_split: received 'trian'.*train, test"):
+        load_dataset(NS(**{**cfg, "train_split": "trian"}))

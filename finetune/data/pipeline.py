@@ -10,7 +10,8 @@ import numpy as np
 import tensorflow as tf
 
 from finetune.data.sources import AUGMENT_MODES, CACHE_MODES, Dataset, Split
-from finetune.errors import ConfigError, DataError, did_you_mean
+from finetune.data._util import suggest
+from finetune.errors import ConfigError, DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
 SHUFFLE_BUFFER_BYTES = 512 * 2**20  # cap for the shuffle buffer when the split is not cached in memory
@@ -106,17 +107,17 @@ def make_pipeline(dataset: Dataset, split: str, image_size, batch_size: int, *, 
     resized split in memory, "off" never, "auto" when it needs < cache_max_mb MiB.
     """
     if split not in _SPLITS:
-        raise ConfigError("split", split, "one of train, val, test", did_you_mean(split, _SPLITS).strip())
+        raise ConfigError("split", split, "one of train, val, test", suggest(split, _SPLITS))
     key = _SPLITS[split]
     part = getattr(dataset, key)
     if part is None:
         raise DataError(f"{dataset.name} has no {key} split; set data.test_split > 0 (or data.test_path / "
                         "the tfds data.test_split) to evaluate on a test set")
     if cache not in CACHE_MODES:
-        raise ConfigError("data.cache", cache, "one of " + ", ".join(CACHE_MODES), did_you_mean(cache, CACHE_MODES).strip())
+        raise ConfigError("data.cache", cache, "one of " + ", ".join(CACHE_MODES), suggest(cache, CACHE_MODES))
     if augment not in AUGMENT_MODES:
         raise ConfigError("data.augment", augment, "one of " + ", ".join(AUGMENT_MODES),
-                          did_you_mean(augment, AUGMENT_MODES).strip())
+                          suggest(augment, AUGMENT_MODES))
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ConfigError("batch_size", batch_size, "an integer >= 1")
     hw = _hw(image_size)

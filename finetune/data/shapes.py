@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.errors import ConfigError, DataError, did_you_mean
+from finetune.data._util import suggest
+from finetune.errors import ConfigError, DataError
 
 GENERATOR_VERSION = 1
 DEFAULT_CLASSES = ["circle", "square", "triangle", "star", "cross", "ring"]
@@ -98,7 +99,7 @@ def validate_classes(classes) -> list[str]:
     classes = [str(c) for c in classes]
     for c in classes:
         if c not in _SHAPES:
-            raise ConfigError("data.classes", c, expected, did_you_mean(c, SUPPORTED_CLASSES).strip())
+            raise ConfigError("data.classes", c, expected, suggest(c, SUPPORTED_CLASSES))
     if len(classes) < 2 or len(set(classes)) != len(classes):
         raise ConfigError("data.classes", classes, expected)
     return classes
@@ -247,6 +248,7 @@ def ensure_shapes(classes, num_per_class: int, image_size: int, seed: int, cache
         cache_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(cache_dir, key)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-", dir=cache_dir))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the final folder is a shared cache
     except OSError as e:
         raise DataError(
             f"data.cache_dir: cannot write the shapes dataset to '{cache_dir}' ({e.strerror or e}); "

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.errors import ConfigError, DataError, did_you_mean
+from finetune.data._util import suggest
+from finetune.errors import ConfigError, DataError
 
 SOURCES = ("shapes", "digits", "folder", "tfds")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -98,7 +99,7 @@ def _int(cfg, key: str, default: int, minimum: int) -> int:
 def _choice(cfg, key: str, default: str, options) -> str:
     value = _opt(cfg, key, default)
     if value not in options:
-        raise ConfigError(f"data.{key}", value, "one of " + ", ".join(options), did_you_mean(value, options).strip())
+        raise ConfigError(f"data.{key}", value, "one of " + ", ".join(options), suggest(value, options))
     return value
 
 
@@ -433,8 +434,8 @@ def load_tfds(cfg) -> Dataset:
         except Exception:
             known = []
         raise ConfigError(name_key, dataset, "a tensorflow-datasets name (e.g. tf_flowers, mnist)",
-                          (did_you_mean(dataset.split("/")[0].split(":")[0], known).strip()
-                           + " see https://www.tensorflow.org/datasets/catalog").strip()) from e
+                          (suggest(dataset.split("/")[0].split(":")[0], known)
+                           + " Catalog: https://www.tensorflow.org/datasets/catalog").strip()) from e
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{name_key}: cannot load tfds dataset {dataset!r}: {first}") from e
@@ -467,7 +468,7 @@ def load_tfds(cfg) -> Dataset:
                                                                              "a ClassLabel feature")):
         if value not in keys:
             raise ConfigError(f"data.{key}", value, f"{what} of {dataset!r}: one of {', '.join(keys)}",
-                              did_you_mean(value, keys).strip())
+                              suggest(value, keys))
     label_feature = features[label_key]
     class_names = list(getattr(label_feature, "names", None) or [])
     if not class_names:
@@ -506,13 +507,13 @@ def source_of(cfg) -> str:
     if source:
         if source not in SOURCES:
             raise ConfigError("data.source", source, "one of " + ", ".join(SOURCES),
-                              did_you_mean(source, SOURCES).strip())
+                              suggest(source, SOURCES))
         return source
     if name in SOURCES:
         return name
     if isinstance(name, str) and (name.startswith("tfds:") or cfg_get(cfg, "train_split", None) is not None):
         return "tfds"
-    raise ConfigError("data.name", name, "one of " + ", ".join(SOURCES), did_you_mean(name, SOURCES).strip())
+    raise ConfigError("data.name", name, "one of " + ", ".join(SOURCES), suggest(name, SOURCES))
 
 
 def load_dataset(cfg) -> Dataset:

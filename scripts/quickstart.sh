@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job on the embedded defaults, from a fresh clone: sets up .venv, then trains a real model
+# offline on the generated shapes dataset and logs it to ./mlflow.db. Extra args are Hydra overrides.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck disable=SC1091
+. "$repo/scripts/setup_env.sh"
+cd "$repo"
+finetune train experiment=quickstart "$@"
