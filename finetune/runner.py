@@ -102,7 +102,7 @@ class TrainRun:
     def run_stage(self, index: int, stage, first_epoch: int) -> int:
         plan = apply_freeze(self.parts.backbone, self.parts.blocks, stage.policy, stage.n,
                             choice(self.cfg.freeze.batchnorm))
-        backbone_trains = any(w for w in self.parts.backbone.trainable_weights)
+        backbone_trains = bool(self.parts.backbone.trainable_weights)
         model = assemble(self.parts, backbone_training=None if backbone_trains else False)
         self.record_plan(index, stage, plan, model)
         bn_layers = trained_batchnorm_layers(model) if self.cfg.trainer.bn_recalibration else []

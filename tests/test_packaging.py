@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from conftest import REPO
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
