@@ -197,10 +197,10 @@ _TABLE = [
      _mobilenet_v3(14), {}),
     *[(f"densenet{d}", f"DenseNet{d}", "densenet", "torch", 224, 32, _densenet(), {})
       for d in (121, 169, 201)],
-    ("nasnet_mobile", "NASNetMobile", "nasnet", "tf", 224, 32, _nasnet(4),
-     {"native_size_required_for_weights": True}),
-    ("nasnet_large", "NASNetLarge", "nasnet", "tf", 331, 32, _nasnet(6),
-     {"native_size_required_for_weights": True}),
+    # Keras 3.15 NASNet accepts imagenet weights at any static size with include_top=False
+    # (weight shapes do not depend on the input size); it refuses None in input_shape.
+    ("nasnet_mobile", "NASNetMobile", "nasnet", "tf", 224, 32, _nasnet(4), {}),
+    ("nasnet_large", "NASNetLarge", "nasnet", "tf", 331, 32, _nasnet(6), {}),
     *[(f"efficientnet_b{i}", f"EfficientNetB{i}", "efficientnet", "none", size, 32,
        _efficientnet(7), {}) for i, size in enumerate(_EFFICIENTNET_SIZES)],
     *[(f"efficientnet_v2_{v.lower()}", f"EfficientNetV2{v}", "efficientnet_v2", "none", size,
