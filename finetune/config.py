@@ -210,7 +210,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     for name, node in {"shapes": ShapesDataConfig, "digits": DigitsDataConfig,
                        "folder": FolderDataConfig, "tfds": TfdsDataConfig}.items():
-        cs.store(group="schema/data", name=name, node=node)
+        cs.store(name=f"data_schema_{name}", node=node)
 
 
 def choice(value):

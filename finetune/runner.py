@@ -30,6 +30,7 @@ class TrainRun:
         self.stage_starts: list[tuple[str, int]] = []
 
     def execute(self) -> dict:
+        keras.backend.clear_session()  # a fresh graph per run: sweeps run many jobs in one process
         keras.utils.set_random_seed(int(self.cfg.trainer.seed))
         self.parts = build_parts(self.cfg.backbone, self.cfg.head, self.spec, len(self.classes))
         self.pipelines()

@@ -146,7 +146,7 @@ def test_two_stage_preset_runs_both_stages_with_one_history(cli, mlflow_client):
 
 @pytest.mark.parametrize("preset,extra", [
     ("seed_vgg16_flatten", ["backbone.input_shape=[32,32,3]", "backbone.weights=null"]),
-    ("quickstart", ["backbone.input_shape=[32,32]"]),
+    ("quickstart", ["backbone.input_shape=[32,32]", "trainer.bn_recalibration_batches=2"]),
 ])
 def test_every_preset_runs_one_tiny_step(cli, mlflow_client, preset, extra):
     result = cli("train", f"experiment={preset}", *extra, *TINY_SHAPES, "trainer.steps_per_epoch=1",
