@@ -30,3 +30,11 @@ def test_wheel_ships_conf_and_composes_from_a_fresh_venv(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "name: resnet50" in result.stdout
+
+
+def test_every_conf_group_is_packaged():
+    import tomllib
+
+    packages = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    groups = {f"finetune.conf.{p.name}" for p in (REPO / "conf").iterdir() if p.is_dir()}
+    assert groups <= packages, f"add {groups - packages} to [tool.setuptools] packages"
