@@ -9,6 +9,11 @@ from finetune.errors import FinetuneError, did_you_mean
 
 COMMANDS = {
     "train": "train a head (and optionally the last blocks of a backbone) on a dataset; record it in MLflow",
+    "classify": "label images with a pretrained ImageNet classifier: top-k classes with probabilities",
+    "extract": "turn a dataset or images into feature vectors (.npz/.parquet) with a backbone",
+    "predict": "label images with a model that train produced",
+    "evaluate": "metrics, per-class report and confusion matrix of a trained model on a dataset",
+    "export": "write a trained model as .keras / SavedModel / TFLite and check each against Keras",
 }
 
 USAGE = """usage: finetune <command> [hydra overrides] [hydra flags]

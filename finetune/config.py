@@ -190,6 +190,8 @@ class TrackingConfig:
     run_name: Optional[str] = None
     tags: Dict[str, str] = field(default_factory=dict)
     log_model: bool = True
+    # register the logged model in the MLflow model registry under this name (models:/<name>/<version>)
+    register_model: Optional[str] = None
 
 
 @dataclass
@@ -203,11 +205,119 @@ class TrainConfig:
     tracking: TrackingConfig = MISSING
 
 
+class FeatureFormat(str, Enum):
+    npz = "npz"
+    parquet = "parquet"
+
+
+class Quantize(str, Enum):
+    none = "none"
+    float16 = "float16"
+    dynamic = "dynamic"
+    int8 = "int8"
+
+
+@dataclass
+class ClassifyOptions:
+    top_k: int = 5
+    # path to an imagenet_class_index.json; null = the one Keras downloads on first use
+    class_index: Optional[str] = None
+    # write the table to this .csv or .json file as well
+    output: Optional[str] = None
+    batch_size: int = 16
+
+
+@dataclass
+class ClassifyConfig:
+    backbone: BackboneConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    # image files, folders or globs: images=[dog.jpg,cat.png] or images=photos/
+    images: Any = MISSING
+    classify: ClassifyOptions = field(default_factory=ClassifyOptions)
+
+
+@dataclass
+class ExtractOptions:
+    # null = the backbone's pooled output; else a layer name of the backbone (e.g. fc2, avg_pool)
+    layer: Optional[str] = None
+    format: FeatureFormat = FeatureFormat.npz
+    # output folder; null = the run's output directory
+    output: Optional[str] = None
+    batch_size: int = 32
+
+
+@dataclass
+class ExtractConfig:
+    backbone: BackboneConfig = MISSING
+    data: Any = MISSING
+    tracking: TrackingConfig = MISSING
+    # unlabelled images instead of a dataset (files, folders or globs); null = use `data`
+    images: Any = None
+    extract: ExtractOptions = field(default_factory=ExtractOptions)
+
+
+@dataclass
+class PredictOptions:
+    top_k: int = 3
+    output: Optional[str] = None
+    batch_size: int = 32
+
+
+@dataclass
+class PredictConfig:
+    # an MLflow run id, a models:/<name>/<version> URI, or a path to a .keras file
+    model: str = MISSING
+    images: Any = MISSING
+    tracking: TrackingConfig = MISSING
+    predict: PredictOptions = field(default_factory=PredictOptions)
+
+
+@dataclass
+class EvaluateOptions:
+    # which split of `data` to evaluate: test | val | train
+    split: str = "test"
+    batch_size: int = 32
+    top_k: int = 5
+    # log into the model's own run when it has one (true), else / or always a new evaluation run
+    log_to_model_run: bool = True
+
+
+@dataclass
+class EvaluateConfig:
+    model: str = MISSING
+    data: Any = MISSING
+    tracking: TrackingConfig = MISSING
+    evaluate: EvaluateOptions = field(default_factory=EvaluateOptions)
+
+
+@dataclass
+class ExportOptions:
+    formats: List[str] = field(default_factory=lambda: ["keras", "saved_model", "tflite"])
+    quantize: Quantize = Quantize.none
+    # output folder; null = the command's output directory
+    output: Optional[str] = None
+    # images from the data used for int8 calibration and for the agreement check
+    representative_samples: int = 64
+    check_samples: int = 32
+
+
+@dataclass
+class ExportConfig:
+    model: str = MISSING
+    # null: the data the model was trained on (its saved config), else this data group
+    data: Any = None
+    tracking: TrackingConfig = MISSING
+    export: ExportOptions = field(default_factory=ExportOptions)
+
+
 def register_configs() -> None:
     """Register the schemas. Groups with one schema are typed by TrainConfig's fields; each `data`
     option has its own schema, which its conf/data/<name>.yaml extends."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    for command, node in {"classify": ClassifyConfig, "extract": ExtractConfig, "predict": PredictConfig,
+                          "evaluate": EvaluateConfig, "export": ExportConfig}.items():
+        cs.store(name=f"{command}_schema", node=node)
     for name, node in {"shapes": ShapesDataConfig, "digits": DigitsDataConfig,
                        "folder": FolderDataConfig, "tfds": TfdsDataConfig}.items():
         cs.store(name=f"data_schema_{name}", node=node)

@@ -188,10 +188,19 @@ class TrainRun:
         reports.plot_training_curves(self.history, self.stage_starts, self.out / "training_curves.png")
         for name in ("confusion_matrix.png", "confusion_matrix.csv", "training_curves.png", "metrics.json"):
             mlflow.log_artifact(str(self.out / name))
-        self.model.save(self.out / "model.keras")
+        model_dir = self.out / "model"  # self-contained: what predict/evaluate/export load
+        model_dir.mkdir(exist_ok=True)
+        self.model.save(model_dir / "model.keras")
+        for name in ("label_map.json", "config.yaml"):
+            (model_dir / name).write_bytes((self.out / name).read_bytes())
+        # the trained backbone alone: reusable as backbone.weights=<file> (weight initialisation)
+        self.parts.backbone.save_weights(self.out / "backbone.weights.h5")
         if self.cfg.tracking.log_model:
-            mlflow.log_artifact(str(self.out / "model.keras"), "model")
-            mlflow.log_artifact(str(self.out / "label_map.json"), "model")
+            mlflow.log_artifacts(str(model_dir), "model")
+            mlflow.log_artifact(str(self.out / "backbone.weights.h5"), "backbone")
+            if self.cfg.tracking.register_model:
+                version = tracking.register_model(self.cfg.tracking.register_model, "model")
+                print(f"   registered as models:/{self.cfg.tracking.register_model}/{version}")
 
 
 def _metric_key(name: str) -> str:

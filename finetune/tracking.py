@@ -95,3 +95,23 @@ def ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
     store = f" --backend-store-uri {uri}" if uri.startswith("sqlite:") else ""
     return (f"mlflow ui{store}   then open "
             f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}")
+
+
+def register_model(name: str, artifact_path: str) -> str:
+    """Register the active run's `artifact_path` folder as a new version of model `name`; returns it.
+
+    MLflow 3's mlflow.register_model only accepts models logged through a flavor; the client API
+    registers any artifact folder, which keeps the plain .keras file as the model format."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
+            raise
+    run = mlflow.active_run()
+    version = client.create_model_version(name, source=mlflow.get_artifact_uri(artifact_path),
+                                          run_id=run.info.run_id)
+    return version.version

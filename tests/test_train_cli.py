@@ -46,12 +46,17 @@ def assert_recorded(client, run, *, epochs, classes):
 
 
 def test_shapes_run_records_params_metrics_artifacts(cli, mlflow_client, store):
-    result = cli("train", *TINY, *TINY_SHAPES, "trainer.epochs=2", experiment="e2e_shapes")
+    result = cli("train", *TINY, *TINY_SHAPES, "trainer.epochs=2", "tracking.register_model=tiny-shapes",
+                 experiment="e2e_shapes")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "freeze plan" in result.stdout and "run id" in result.stdout and "mlflow ui" in result.stdout
     (run,) = runs_of(mlflow_client, "e2e_shapes")
     assert_recorded(mlflow_client, run, epochs=2, classes=["circle", "square", "triangle"])
     assert run.data.params["weights_source"] == "random"
+    paths = artifact_paths(mlflow_client, run.info.run_id)
+    assert {"model/config.yaml", "model/label_map.json", "backbone/backbone.weights.h5"} <= paths
+    version = mlflow_client.get_model_version("tiny-shapes", "1")
+    assert version.run_id == run.info.run_id and "models:/tiny-shapes/1" in result.stdout
     for name in ("circle", "square", "triangle"):
         assert f"test_f1_{name}" in run.data.metrics
     # the logged model loads in Keras safe mode and carries its own preprocessing

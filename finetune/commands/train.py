@@ -43,7 +43,7 @@ def _print_summary(metrics, run_id, experiment_id, output_dir, uri) -> None:
     for key, value in sorted(shown.items()):
         print(f"  {key:<24} {value:.4f}")
     print(f"  run id                   {run_id}")
-    print(f"  model                    {output_dir / 'model.keras'}")
+    print(f"  model                    {output_dir / 'model' / 'model.keras'}")
     print(f"  outputs                  {output_dir}")
     print(f"  look at it               {ui_hint(uri, experiment_id, run_id)}")
 
