@@ -137,6 +137,14 @@ class TfdsDataConfig(DataCommon):
 
 
 @dataclass
+class FeaturesDataConfig(DataCommon):
+    source: str = "features"
+    name: str = "features"
+    # the output folder of `finetune extract` (manifest.json + features file)
+    path: str = MISSING
+
+
+@dataclass
 class OptimizerConfig:
     name: OptimizerKind = OptimizerKind.adam
     lr: float = 1e-3
@@ -319,7 +327,8 @@ def register_configs() -> None:
                           "evaluate": EvaluateConfig, "export": ExportConfig}.items():
         cs.store(name=f"{command}_schema", node=node)
     for name, node in {"shapes": ShapesDataConfig, "digits": DigitsDataConfig,
-                       "folder": FolderDataConfig, "tfds": TfdsDataConfig}.items():
+                       "folder": FolderDataConfig, "tfds": TfdsDataConfig,
+                       "features": FeaturesDataConfig}.items():
         cs.store(name=f"data_schema_{name}", node=node)
 
 

@@ -67,7 +67,7 @@ class TrainRun:
         tracking.log_params({
             "backbone": self.spec.name,
             "weights_source": self.weights_description(),
-            "input_shape": list(self.parts.input_shape),
+            "input_shape": list(self.input_shape()),
             "preprocess": self.spec.preprocess,
             "dataset": self.dataset.name,
             **{f"{split}_size": n for split, n in sizes.items()},
@@ -77,7 +77,7 @@ class TrainRun:
         })
         (self.out / "label_map.json").write_text(json.dumps({
             "class_names": self.classes, "backbone": self.spec.name,
-            "input_shape": list(self.parts.input_shape), "preprocess": self.spec.preprocess,
+            "input_shape": list(self.input_shape()), "preprocess": self.spec.preprocess,
             "preprocessing_in_model": True, "input_range": [0, 255],
         }, indent=1))
         mlflow.log_artifact(str(self.out / "config.yaml"))
@@ -85,6 +85,9 @@ class TrainRun:
         overrides = self.out / ".hydra" / "overrides.yaml"
         if overrides.exists():
             mlflow.log_artifact(str(overrides))
+
+    def input_shape(self) -> tuple:
+        return self.parts.input_shape
 
     def weights_description(self) -> str:
         weights = weights_source(self.cfg.backbone)
@@ -194,13 +197,17 @@ class TrainRun:
         for name in ("label_map.json", "config.yaml"):
             (model_dir / name).write_bytes((self.out / name).read_bytes())
         # the trained backbone alone: reusable as backbone.weights=<file> (weight initialisation)
-        self.parts.backbone.save_weights(self.out / "backbone.weights.h5")
+        self.backbone().save_weights(self.out / "backbone.weights.h5")
         if self.cfg.tracking.log_model:
             mlflow.log_artifacts(str(model_dir), "model")
             mlflow.log_artifact(str(self.out / "backbone.weights.h5"), "backbone")
             if self.cfg.tracking.register_model:
                 version = tracking.register_model(self.cfg.tracking.register_model, "model")
                 print(f"   registered as models:/{self.cfg.tracking.register_model}/{version}")
+
+
+    def backbone(self):
+        return self.parts.backbone
 
 
 def _metric_key(name: str) -> str:

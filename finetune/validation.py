@@ -17,9 +17,13 @@ WEIGHTS_SUFFIXES = (".h5", ".keras")
 def validate_train(cfg) -> BackboneSpec:
     """Raise ConfigError on the first problem; returns the backbone spec."""
     spec = get_spec(cfg.backbone.name)
-    check_backbone(cfg.backbone, spec)
-    check_head(cfg.head, cfg.backbone)
-    check_freeze(cfg, spec)
+    if cfg.data.source == "features":  # the backbone is the one the features were extracted with
+        if cfg.trainer.stages:
+            raise ConfigError("trainer.stages", "[...]", "no stages with data=features (no backbone trains)")
+    else:
+        check_backbone(cfg.backbone, spec)
+        check_head(cfg.head, cfg.backbone)
+        check_freeze(cfg, spec)
     check_trainer(cfg.trainer, cfg.optimizer)
     check_data_splits(cfg.data)
     return spec
@@ -104,7 +108,7 @@ def check_trainer(cfg_trainer, cfg_optimizer) -> None:
 
 
 def check_data_splits(cfg_data) -> None:
-    if cfg_data.source == "tfds":
+    if cfg_data.source in ("tfds", "features"):
         return
     val, test = cfg_data.val_split, cfg_data.test_split
     for key, value in (("data.val_split", val), ("data.test_split", test)):

@@ -11,7 +11,11 @@ def run(cfg, output_dir: Path) -> dict:
     spec = validate_train(cfg)
     from finetune.data import load_dataset  # pure Python for generated/folder data: no TF yet
 
-    dataset = load_dataset(cfg.data)
+    dataset = None if cfg.data.source == "features" else load_dataset(cfg.data)
+    if dataset is None:
+        from finetune.features import read_features
+
+        read_features(cfg.data.path)  # a missing/wrong folder fails here, before any run starts
     from finetune import tracking
     import mlflow
 
@@ -29,6 +33,10 @@ def run(cfg, output_dir: Path) -> dict:
 
 
 def _train_in_run(cfg, spec, dataset, output_dir: Path) -> dict:
+    if dataset is None:
+        from finetune.feature_runner import FeatureRun
+
+        return FeatureRun(cfg, output_dir).execute()
     from finetune.runner import TrainRun
 
     return TrainRun(cfg, spec, dataset, output_dir).execute()
