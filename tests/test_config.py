@@ -87,3 +87,22 @@ def test_cross_field_errors_name_the_key(overrides, key):
     assert info.value.key == key
     assert "\n" not in str(info.value)
     assert "expected" in str(info.value)
+
+
+@pytest.mark.parametrize("command,overrides", [
+    ("classify", ["images=[a.jpg]"]),
+    ("extract", ["extract.layer=avg_pool", "extract.format=parquet"]),
+    ("predict", ["model=abc", "images=photos/"]),
+    ("evaluate", ["model=abc", "data=digits"]),
+    ("export", ["model=abc", "export.quantize=int8"]),
+])
+def test_every_command_config_composes(command, overrides):
+    from finetune.cli import COMMANDS
+
+    assert command in COMMANDS
+    register_configs()
+    GlobalHydra.instance().clear()
+    with hydra.initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = hydra.compose(command, overrides=overrides)
+    assert cfg is not None
+    assert precheck(command, ["bogus_key=1"]).startswith("bogus_key")
