@@ -57,11 +57,14 @@ def resolve_model(ref: str, cfg_tracking, download_dir: Path) -> ModelBundle:
 
 
 def _bundle_from_mlflow(ref: str, cfg_tracking, download_dir: Path) -> ModelBundle:
+    import os
+
     import mlflow
 
-    from finetune.tracking import use_experiment
+    from finetune.tracking import tracking_uri
 
-    use_experiment(cfg_tracking)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file is noise here
+    mlflow.set_tracking_uri(tracking_uri(cfg_tracking))
     uri = f"runs:/{ref}/model" if RUN_ID.match(ref) else ref
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(download_dir)))

@@ -54,3 +54,20 @@ def runs_of(client, experiment: str):
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"no MLflow experiment {experiment!r}"
     return client.search_runs([exp.experiment_id])
+
+
+@pytest.fixture(scope="session")
+def trained_model(cli, mlflow_client):
+    """A tiny model trained once per session through the real CLI, for predict/evaluate/export tests.
+
+    Returns {"run_id", "model_dir" (local folder with model.keras, label_map.json, config.yaml),
+    "classes", "overrides" (the data overrides it was trained with)}."""
+    data = ["data=shapes", "data.num_per_class=8", "data.image_size=32", "data.classes=[circle,square,triangle]"]
+    result = cli("train", *TINY, *data, "trainer.epochs=2", "tracking.register_model=fixture-model",
+                 experiment="fixture_trained_model")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs_of(mlflow_client, "fixture_trained_model")
+    line = next(line for line in result.stdout.splitlines() if line.strip().startswith("model "))
+    model_dir = Path(line.split(None, 1)[1].strip()).parent
+    return {"run_id": run.info.run_id, "model_dir": model_dir, "classes": ["circle", "square", "triangle"],
+            "overrides": data, "registered": "models:/fixture-model/1"}
