@@ -63,7 +63,7 @@ def trained_model(cli, mlflow_client):
     Returns {"run_id", "model_dir" (local folder with model.keras, label_map.json, config.yaml),
     "classes", "overrides" (the data overrides it was trained with)}."""
     data = ["data=shapes", "data.num_per_class=8", "data.image_size=32", "data.classes=[circle,square,triangle]"]
-    result = cli("train", *TINY, *data, "trainer.epochs=2", "tracking.register_model=fixture-model",
+    result = cli("train", *TINY, *data, "freeze=none", "trainer.epochs=2", "tracking.register_model=fixture-model",
                  experiment="fixture_trained_model")
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs_of(mlflow_client, "fixture_trained_model")
