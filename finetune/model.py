@@ -52,7 +52,9 @@ def weights_error(spec: BackboneSpec, weights, error: Exception) -> Exception:
     return error
 
 
-def build_parts(cfg_backbone, cfg_head, spec: BackboneSpec, num_classes: int) -> Parts:
+def backbone_from_config(cfg_backbone, spec: BackboneSpec):
+    """(the backbone the `backbone` group describes, its input shape); weight-loading failures become
+    one ConfigError that says what to do."""
     shape = input_shape_of(cfg_backbone, spec)
     weights = weights_source(cfg_backbone)
     try:
@@ -61,6 +63,11 @@ def build_parts(cfg_backbone, cfg_head, spec: BackboneSpec, num_classes: int) ->
                                   pooling=choice(cfg_backbone.pooling))
     except Exception as error:  # noqa: BLE001 - Keras' own messages here mislead; say what to do
         raise weights_error(spec, weights, error) from error
+    return backbone, shape
+
+
+def build_parts(cfg_backbone, cfg_head, spec: BackboneSpec, num_classes: int) -> Parts:
+    backbone, shape = backbone_from_config(cfg_backbone, spec)
     return Parts(spec=spec, input_shape=shape,
                  preprocess=BackbonePreprocess(spec.preprocess, name="preprocess"),
                  backbone=backbone, head=build_head(cfg_head, num_classes),

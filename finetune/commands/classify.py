@@ -115,16 +115,10 @@ def classify_images(cfg, spec, images: list[str], class_index) -> list[dict]:
 def build_classifier(cfg, spec):
     import keras
 
-    from finetune.model import input_shape_of, weights_error, weights_source
-    from finetune.backbones import build_backbone
+    from finetune.model import backbone_from_config
     from finetune.preprocessing import BackbonePreprocess
 
-    shape = input_shape_of(cfg.backbone, spec)
-    weights = weights_source(cfg.backbone)
-    try:
-        backbone = build_backbone(spec, weights=weights, input_shape=shape, include_top=True)
-    except Exception as error:  # noqa: BLE001
-        raise weights_error(spec, weights, error) from error
+    backbone, shape = backbone_from_config(cfg.backbone, spec)  # include_top checked above
     inputs = keras.Input(shape=shape, name="image")
     outputs = backbone(BackbonePreprocess(spec.preprocess, name="preprocess")(inputs), training=False)
     return keras.Model(inputs, outputs, name=f"classify_{spec.name}")

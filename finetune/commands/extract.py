@@ -52,19 +52,11 @@ def run(cfg, output_dir: Path) -> dict:
 
 
 def extract(cfg, spec, dataset, images, out: Path) -> dict:
-    import tensorflow as tf
-
-    from finetune.model import input_shape_of, weights_error, weights_source
-    from finetune.backbones import build_backbone
+    from finetune.model import backbone_from_config, weights_source
     from finetune.preprocessing import BackbonePreprocess
 
-    shape = input_shape_of(cfg.backbone, spec)
+    backbone, shape = backbone_from_config(cfg.backbone, spec)
     weights = weights_source(cfg.backbone)
-    try:
-        backbone = build_backbone(spec, weights=weights, input_shape=shape, include_top=bool(cfg.backbone.include_top),
-                                  pooling=choice(cfg.backbone.pooling))
-    except Exception as error:  # noqa: BLE001
-        raise weights_error(spec, weights, error) from error
     model = feature_model(backbone, BackbonePreprocess(spec.preprocess, name="preprocess"), shape, cfg.extract.layer)
     batches = list(_batches(cfg, dataset, images, shape[:2]))
     total = sum(len(b[2]) for b in batches)
