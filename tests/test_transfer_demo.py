@@ -1,0 +1,124 @@
+"""scripts/transfer_demo.py end to end with --quick: source run -> saved backbone -> 3 target runs.
+
+Checks the plumbing only (runs, MLflow records, equal budgets, the frozen backbone really unchanged);
+the quick budget is far too small for the accuracies to mean anything, so none are compared.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = REPO / "scripts" / "transfer_demo.py"
+TARGET_RUNS = ("scratch", "frozen", "two_stage")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("transfer_demo", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def h5_arrays(path) -> dict[str, np.ndarray]:
+    import h5py
+
+    arrays: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as fh:
+        fh.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset)
+                      else None)
+    return arrays
+
+
+def test_png_folders_are_deterministic_and_disjoint(tmp_path):
+    demo = load_script()
+    listing = []
+    for attempt in range(2):
+        paths = demo.write_png_folders(tmp_path, per_class=10, val_per_class=20, seed=3,
+                                       source_per_class=None, test_per_class=None)
+        listing.append({name: sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+                        for name, root in paths.items()})
+    assert listing[0] == listing[1]
+    files = listing[0]
+    assert sorted({f.split("/")[0] for f in files["source"]}) == ["0", "1", "2", "3", "4"]
+    for split in ("target_train", "target_val", "target_test"):
+        assert sorted({f.split("/")[0] for f in files[split]}) == ["5", "6", "7", "8", "9"]
+    assert len(files["target_train"]) == 50 and len(files["target_val"]) == 100
+    names = [{f.split("/")[1] for f in files[s]} for s in ("target_train", "target_val", "target_test")]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    assert len(files["source"]) + sum(len(n) for n in names) == 1797  # every digit used once
+
+
+def test_quick_demo_records_four_runs_in_one_experiment(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    work = tmp_path / "demo"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--work", str(work)], cwd=tmp_path,
+                                env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        out = result.stdout
+        assert "[1/4] source" in out and "[4/4] target two_stage" in out
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name("transfer_demo")
+        assert experiment is not None
+        runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+        assert set(runs) == {"source", *TARGET_RUNS}
+        assert {r.info.status for r in runs.values()} == {"FINISHED"}
+        assert len({r.data.tags["transfer_demo"] for r in runs.values()}) == 1  # one invocation
+
+        # the table: one row per approach, with its MLflow run id
+        header = next(i for i, line in enumerate(out.splitlines()) if line.startswith("approach"))
+        rows = {line.split()[0]: line for line in out.splitlines()[header + 2:header + 5]}
+        assert set(rows) == set(TARGET_RUNS)
+        for name in TARGET_RUNS:
+            assert rows[name].split()[-1] == runs[name].info.run_id
+        for column in ("trainable params", "val acc", "test acc", "wall s", "MLflow run id"):
+            assert column in out.splitlines()[header]
+
+        # equal budget: same data, backbone, input, seed, batch size, and epochs (two_stage: summed)
+        params = {name: runs[name].data.params for name in TARGET_RUNS}
+        for key in ("backbone", "input_shape", "data.path", "data.val_path", "data.test_path",
+                    "trainer.seed", "trainer.batch_size", "train_size", "test_size"):
+            assert len({params[name][key] for name in TARGET_RUNS}) == 1, key
+        epochs = int(params["scratch"]["trainer.epochs"])
+        assert int(params["frozen"]["trainer.epochs"]) == epochs
+        assert int(params["two_stage"]["stage1.epochs"]) + int(params["two_stage"]["stage2.epochs"]) == epochs
+        assert runs["source"].data.params["trainer.seed"] != params["scratch"]["trainer.seed"]
+
+        # where the backbones came from
+        source_dir = (work / "runs" / "source").resolve()
+        assert params["scratch"]["weights_source"] == "random"
+        for name in ("frozen", "two_stage"):
+            assert params[name]["weights_source"].startswith(f"file:{source_dir / 'backbone.weights.h5'}")
+
+        # frozen: only the head trained, and the backbone it saved is the source backbone, bit for bit
+        frozen = params["frozen"]
+        head = int(frozen["stage1.params_trainable"])
+        num_features = 512  # vgg16, the --quick backbone, pooled
+        assert head == num_features * 5 + 5
+        assert int(frozen["stage1.params_frozen"]) == int(frozen["params_total"]) - head
+        assert int(params["scratch"]["stage1.params_trainable"]) > 1000 * head
+        assert int(params["two_stage"]["stage1.params_trainable"]) == head
+        assert int(params["two_stage"]["stage2.params_trainable"]) > head
+        source_weights = h5_arrays(source_dir / "backbone.weights.h5")
+        frozen_weights = h5_arrays(work / "runs" / "frozen" / "backbone.weights.h5")
+        assert source_weights.keys() == frozen_weights.keys() and source_weights
+        assert all(np.array_equal(source_weights[k], frozen_weights[k]) for k in source_weights)
+        tuned = h5_arrays(work / "runs" / "two_stage" / "backbone.weights.h5")
+        assert not all(np.array_equal(source_weights[k], tuned[k]) for k in source_weights)
+    finally:
+        shutil.rmtree(work / "runs", ignore_errors=True)  # ~700 MB of VGG16 models
