@@ -10,7 +10,7 @@ if [ ! -x "$repo/.venv/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$repo/.venv/bin/activate"
-if ! python -c "import finetune, pytest, tensorflow, mlflow, hydra" 2>/dev/null; then
+if ! python -c "import finetune, pytest, xdist, tensorflow, mlflow, hydra" 2>/dev/null; then
   echo "installing finetune and its dependencies into .venv (TensorFlow is ~600 MB; 1-3 minutes)"
   python -m pip install --quiet --upgrade pip
   python -m pip install --quiet -e "$repo[dev]"
