@@ -348,3 +348,18 @@ def test_tfds_prepared_dataset_offline(tmp_path):
     assert np.array_equal(got[0][0][..., 0], got[0][0][..., 2])  # grayscale -> RGB
     with pytest.raises(ConfigError, match="data.train_split: received 'trian'.*train, test"):
         load_dataset(NS(**{**cfg, "train_split": "trian"}))
+
+
+@pytest.mark.parametrize("mode", ["1", "P", "L", "RGB"])
+def test_bmp_files_decode_to_their_rgb_colours(tmp_path, mode):
+    """TensorFlow's own BMP decoder fails on 1-bit files and returns palette indices for 8-bit ones."""
+    from PIL import Image
+
+    from finetune.data import load_image
+
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 16, 3), dtype=np.uint8))
+    path = tmp_path / f"{mode}.BMP"
+    rgb.convert(mode).save(path, format="BMP")
+    got = load_image(str(path), (12, 16)).numpy()
+    want = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    np.testing.assert_array_equal(got, want)

@@ -54,9 +54,24 @@ def resize_uint8(image: tf.Tensor, hw: tuple[int, int]) -> tf.Tensor:
     return image
 
 
+def _pil_rgb(path) -> np.ndarray:
+    from PIL import Image
+
+    name = path.item() if isinstance(path, np.ndarray) else path  # numpy_function passes a 0-d array
+    with Image.open(name.decode() if isinstance(name, bytes) else str(name)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
 def decode_file(path: tf.Tensor, hw: tuple[int, int]) -> tf.Tensor:
-    """Image file (jpeg/png/bmp/gif: first frame; gray/RGBA/palette) -> uint8 [h, w, 3]."""
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False, dtype=tf.uint8)
+    """Image file (jpeg/png/bmp/gif: first frame; gray/RGBA/palette) -> uint8 [h, w, 3].
+
+    BMP goes through Pillow: TensorFlow's BMP decoder rejects 1-bit files and returns the palette
+    indices, not the colours, of 8-bit palette files."""
+    is_bmp = tf.strings.regex_full_match(tf.strings.lower(path), r".*\.bmp")
+    image = tf.cond(
+        is_bmp,
+        lambda: tf.numpy_function(_pil_rgb, [path], tf.uint8, stateful=False),
+        lambda: tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False, dtype=tf.uint8))
     image.set_shape((None, None, 3))
     return resize_uint8(image, hw)
 
