@@ -21,7 +21,7 @@ def run(cfg, output_dir: Path) -> dict:
 
     experiment_id = tracking.use_experiment(cfg.tracking)
     with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name,
-                          tags=dict(cfg.tracking.tags)) as active:
+                          tags={**sweep_tags(), **dict(cfg.tracking.tags)}) as active:
         try:
             metrics = _train_in_run(cfg, spec, dataset, output_dir)
         except BaseException as error:  # the run ends FAILED; say why on the run itself
@@ -30,6 +30,22 @@ def run(cfg, output_dir: Path) -> dict:
         run_id = active.info.run_id
     _print_summary(metrics, run_id, experiment_id, output_dir, tracking.tracking_uri(cfg.tracking))
     return metrics
+
+
+def sweep_tags() -> dict:
+    """In a Hydra multirun: the parent run's id (so MLflow nests this run) and the job's overrides."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from finetune.sweep import parent_run_id
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return {}
+    hydra_cfg = HydraConfig.get()
+    parent = parent_run_id(hydra_cfg.sweep.dir)
+    tags = {"finetune.sweep": "child", "sweep_job": str(hydra_cfg.job.num),
+            "sweep_overrides": " ".join(hydra_cfg.overrides.task)[:5000]}
+    return {**tags, "mlflow.parentRunId": parent} if parent else tags
 
 
 def _train_in_run(cfg, spec, dataset, output_dir: Path) -> dict:
