@@ -14,6 +14,7 @@ COMMANDS = {
     "predict": "label images with a model that train produced",
     "evaluate": "metrics, per-class report and confusion matrix of a trained model on a dataset",
     "export": "write a trained model as .keras / SavedModel / TFLite and check each against Keras",
+    "compare": "table (and plot) of the runs of a sweep or an experiment, best first",
 }
 
 USAGE = """usage: finetune <command> [hydra overrides] [hydra flags]

@@ -318,13 +318,32 @@ class ExportConfig:
     export: ExportOptions = field(default_factory=ExportOptions)
 
 
+@dataclass
+class CompareOptions:
+    # the sweep's parent run id; null = every (non-parent) run of the experiment
+    sweep: Optional[str] = None
+    # null = tracking.experiment
+    experiment: Optional[str] = None
+    metric: str = "final_val_accuracy"
+    limit: int = 50
+    # also write the table to this .csv file
+    output: Optional[str] = None
+
+
+@dataclass
+class CompareConfig:
+    tracking: TrackingConfig = MISSING
+    compare: CompareOptions = field(default_factory=CompareOptions)
+
+
 def register_configs() -> None:
     """Register the schemas. Groups with one schema are typed by TrainConfig's fields; each `data`
     option has its own schema, which its conf/data/<name>.yaml extends."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for command, node in {"classify": ClassifyConfig, "extract": ExtractConfig, "predict": PredictConfig,
-                          "evaluate": EvaluateConfig, "export": ExportConfig}.items():
+                          "evaluate": EvaluateConfig, "export": ExportConfig,
+                          "compare": CompareConfig}.items():
         cs.store(name=f"{command}_schema", node=node)
     for name, node in {"shapes": ShapesDataConfig, "digits": DigitsDataConfig,
                        "folder": FolderDataConfig, "tfds": TfdsDataConfig,

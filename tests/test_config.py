@@ -95,6 +95,7 @@ def test_cross_field_errors_name_the_key(overrides, key):
     ("predict", ["model=abc", "images=photos/"]),
     ("evaluate", ["model=abc", "data=digits"]),
     ("export", ["model=abc", "export.quantize=int8"]),
+    ("compare", ["compare.metric=final_val_loss"]),
 ])
 def test_every_command_config_composes(command, overrides):
     from finetune.cli import COMMANDS

@@ -24,6 +24,16 @@ def test_grid_sweep_makes_parent_and_children(cli, mlflow_client):
     assert parent.data.metrics["best_final_val_accuracy"] == best
     assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
 
+    compare = cli("compare", f"compare.sweep={parent.info.run_id}", experiment="e2e_sweep")
+    assert compare.returncode == 0, compare.stderr[-3000:]
+    lines = compare.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("#"))
+    assert "optimizer.lr" in lines[header] and "final_val_accuracy" in lines[header]
+    shown = [float(line.split()[3]) for line in lines[header + 1:header + 3]]
+    assert shown == sorted(shown, reverse=True)
+    logged = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "compare")}
+    assert logged == {"compare/compare.csv", "compare/compare.png"}
+
 
 def test_a_failing_job_never_leaves_the_parent_running(cli, mlflow_client):
     result = cli("train", "-m", *TINY, *TINY_SHAPES, "freeze=last_n", "freeze.n=1,99",

@@ -1,0 +1,103 @@
+"""`finetune compare`: the runs of a sweep or an experiment as a table sorted by a metric, plus a plot."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from finetune.errors import ConfigError
+
+
+def run(cfg, output_dir: Path) -> dict:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from finetune.tracking import tracking_uri
+
+    options = cfg.compare
+    client = MlflowClient(tracking_uri=tracking_uri(cfg.tracking))
+    name = options.experiment or cfg.tracking.experiment
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        raise ConfigError("compare.experiment", name, f"an experiment in {tracking_uri(cfg.tracking)}")
+    if options.sweep:
+        runs = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{options.sweep}'")
+        if not runs:
+            raise ConfigError("compare.sweep", options.sweep, f"the parent run id of a sweep in experiment {name!r}")
+    else:
+        runs = [r for r in client.search_runs([experiment.experiment_id])
+                if r.data.tags.get("finetune.sweep") != "parent"]
+    columns = swept_params(runs)
+    rows = sorted((table_row(r, columns, options.metric) for r in runs),
+                  key=lambda row: (row[options.metric] is None, -(row[options.metric] or 0.0)))[:options.limit]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table = output_dir / "compare.csv"
+    write_csv(rows, table)
+    if options.output:
+        write_csv(rows, Path(str(options.output)).expanduser())
+    plot = output_dir / "compare.png"
+    plot_metric(rows, columns, options.metric, plot)
+    if options.sweep:  # the comparison belongs to the sweep
+        client.log_artifact(options.sweep, str(table), "compare")
+        client.log_artifact(options.sweep, str(plot), "compare")
+    print_table(rows, columns, options.metric)
+    print(f"\n{len(rows)} run(s) of {name!r}{' in sweep ' + options.sweep if options.sweep else ''}; "
+          f"table {table}, plot {plot}")
+    return {"runs": len(rows)}
+
+
+def swept_params(runs) -> list[str]:
+    """A sweep's overridden keys (from each child's overrides tag), else the params that differ."""
+    keys: dict[str, None] = {}
+    for r in runs:
+        for token in r.data.tags.get("sweep_overrides", "").split():
+            key = token.split("=", 1)[0].lstrip("+~")
+            if "=" in token and len({x.data.params.get(key) for x in runs}) > 1:
+                keys[key] = None
+    if keys:
+        return list(keys)
+    names = sorted({k for r in runs for k in r.data.params if "." in k and not k.startswith("stage")})
+    return [k for k in names if len({r.data.params.get(k) for r in runs}) > 1]
+
+
+def table_row(run, columns: list[str], metric: str) -> dict:
+    return {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
+            metric: run.data.metrics.get(metric), **{c: run.data.params.get(c) for c in columns}}
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["run_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_metric(rows: list[dict], columns: list[str], metric: str, path: Path) -> None:
+    """The metric against each swept parameter (categorical axis), one panel per parameter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = columns or ["run_name"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    scored = [r for r in rows if r[metric] is not None]
+    for ax, column in zip(axes[0], panels):
+        values = sorted({str(r.get(column)) for r in scored})
+        ax.scatter([values.index(str(r.get(column))) for r in scored], [r[metric] for r in scored])
+        ax.set_xticks(range(len(values)), values, rotation=30, ha="right")
+        ax.set_xlabel(column)
+        ax.set_ylabel(metric)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_table(rows: list[dict], columns: list[str], metric: str) -> None:
+    header = ["#", "run", "status", metric, *columns]
+    lines = [[str(i + 1), r["run_name"] or r["run_id"][:8], r["status"],
+              "-" if r[metric] is None else f"{r[metric]:.4f}", *[str(r.get(c)) for c in columns]]
+             for i, r in enumerate(rows)]
+    widths = [max(len(x) for x in col) for col in zip(header, *lines)]
+    for line in [header, *lines]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
