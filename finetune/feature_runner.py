@@ -18,7 +18,7 @@ from finetune.features import feature_model, read_features
 from finetune.heads import build_head
 from finetune.preprocessing import BackbonePreprocess
 from finetune.runner import TrainRun
-from finetune.training import compile_model, early_stopping, fit_stage
+from finetune.training import MlflowEpochMetrics, compile_model, early_stopping, fit_stage
 
 
 @dataclass
@@ -102,7 +102,7 @@ class FeatureRun(TrainRun):
         self.stage_starts.append(("head_on_features", 0))
         history = fit_stage(self.model, self.train_ds, self.val_ds, first_epoch=0,
                             epochs=int(self.cfg.trainer.epochs),
-                            callbacks=[tracking.MlflowEpochMetrics(0), *early_stopping(self.cfg.trainer.early_stopping)],
+                            callbacks=[MlflowEpochMetrics(0), *early_stopping(self.cfg.trainer.early_stopping)],
                             steps_per_epoch=self.cfg.trainer.steps_per_epoch, verbose=int(self.cfg.trainer.verbose))
         for key, values in history.history.items():
             self.history.setdefault(key, []).extend(float(v) for v in values)

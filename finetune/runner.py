@@ -17,7 +17,7 @@ from finetune.config import choice
 from finetune.data import make_pipeline
 from finetune.freeze import apply_freeze, format_plan, plan_json, trained_batchnorm_layers
 from finetune.model import assemble, build_parts, weights_source
-from finetune.training import compile_model, early_stopping, fit_stage, resolve_stages
+from finetune.training import MlflowEpochMetrics, compile_model, early_stopping, fit_stage, resolve_stages
 
 
 class TrainRun:
@@ -115,7 +115,7 @@ class TrainRun:
         self.stage_starts.append((stage.name, first_epoch))
         print(f"\n-- stage {index + 1} '{stage.name}': {stage.epochs} epoch(s), lr={stage.lr:g}, "
               f"freeze={stage.policy}" + (f" n={stage.n}" if stage.policy == "last_n" else ""))
-        callbacks = [tracking.MlflowEpochMetrics(index), *early_stopping(self.cfg.trainer.early_stopping)]
+        callbacks = [MlflowEpochMetrics(index), *early_stopping(self.cfg.trainer.early_stopping)]
         history = fit_stage(model, self.train_ds, self.val_ds, first_epoch=first_epoch,
                             epochs=stage.epochs, callbacks=callbacks,
                             steps_per_epoch=self.cfg.trainer.steps_per_epoch,

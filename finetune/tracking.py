@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import keras
 import mlflow
 
 # MLflow's limits (mlflow.utils.validation): param values 6000 chars, keys 250, 100 params a batch.
@@ -64,30 +63,6 @@ def log_params(params: dict) -> None:
     items = [(k[:MAX_PARAM_KEY], _param_value(v)) for k, v in params.items()]
     for start in range(0, len(items), PARAM_BATCH):
         mlflow.log_params(dict(items[start:start + PARAM_BATCH]))
-
-
-class MlflowEpochMetrics(keras.callbacks.Callback):
-    """Logs every epoch's metrics and learning rate at the global epoch (continuous across stages)."""
-
-    def __init__(self, stage_index: int):
-        super().__init__()
-        self.stage_index = stage_index
-
-    def on_epoch_end(self, epoch, logs=None):
-        metrics = {k: float(v) for k, v in (logs or {}).items() if _is_number(v)}
-        metrics["stage"] = float(self.stage_index)
-        lr = getattr(self.model.optimizer, "learning_rate", None)
-        if lr is not None:
-            metrics["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
-        mlflow.log_metrics(metrics, step=epoch)
-
-
-def _is_number(value) -> bool:
-    try:
-        float(value)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def ui_hint(uri: str, experiment_id: str, run_id: str) -> str:

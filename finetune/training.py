@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import keras
+import mlflow
 
 from finetune.config import choice
 
@@ -70,3 +71,27 @@ def fit_stage(model, train_ds, val_ds, *, first_epoch: int, epochs: int, callbac
                      epochs=first_epoch + epochs, callbacks=callbacks,
                      steps_per_epoch=steps_per_epoch, verbose=verbose,
                      shuffle=False)  # the pipeline shuffles; this only silences Keras
+
+
+class MlflowEpochMetrics(keras.callbacks.Callback):
+    """Logs every epoch's metrics and learning rate at the global epoch (continuous across stages)."""
+
+    def __init__(self, stage_index: int):
+        super().__init__()
+        self.stage_index = stage_index
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = {k: float(v) for k, v in (logs or {}).items() if _is_number(v)}
+        metrics["stage"] = float(self.stage_index)
+        lr = getattr(self.model.optimizer, "learning_rate", None)
+        if lr is not None:
+            metrics["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
+        mlflow.log_metrics(metrics, step=epoch)
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False

@@ -71,3 +71,12 @@ def trained_model(cli, mlflow_client):
     model_dir = Path(line.split(None, 1)[1].strip()).parent
     return {"run_id": run.info.run_id, "model_dir": model_dir, "classes": ["circle", "square", "triangle"],
             "overrides": data, "registered": "models:/fixture-model/1"}
+
+
+def one_error_line(result) -> str:
+    """The single `error: ...` line of a CLI call that must fail with exit 2 and no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    return errors[0]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from finetune import exporting
-from tests.conftest import runs_of
+from tests.conftest import one_error_line, runs_of
 
 pytestmark = pytest.mark.slow
 
@@ -18,14 +18,6 @@ def _artifacts(client, run_id, path=""):
     for item in client.list_artifacts(run_id, path):
         found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
     return found
-
-
-def _one_error_line(result) -> str:
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr[-2000:]
-    return errors[0]
 
 
 def _run_tflite(path, images):
@@ -124,7 +116,7 @@ def test_int8_tflite_runs_and_reports_agreement(cli, mlflow_client, trained_mode
 ])
 def test_bad_options_are_one_line(cli, args, expected):
     # checked before the model is even looked up, so no model is needed
-    line = _one_error_line(cli("export", "model=no/such/model.keras", *args))
+    line = one_error_line(cli("export", "model=no/such/model.keras", *args))
     assert line.startswith(f"error: {expected}"), line
 
 

@@ -8,21 +8,13 @@ import os
 import numpy as np
 import pytest
 
-from tests.conftest import runs_of
+from tests.conftest import one_error_line, runs_of
 
 pytestmark = pytest.mark.slow
 
 
 def _real(path) -> str:
     return os.path.realpath(str(path))
-
-
-def _one_error_line(result) -> str:
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr[-2000:]
-    return errors[0]
 
 
 def _read_csv(path) -> dict[str, dict]:
@@ -162,15 +154,15 @@ def test_evaluate_path_model_logs_new_run_and_falls_back_to_val(cli, mlflow_clie
 def test_bad_inputs_exit_2_with_one_line(cli, trained_model, shapes, tmp_path, case):
     keras_file = str(trained_model["model_dir"] / "model.keras")
     if case == "unknown_model":
-        line = _one_error_line(cli("predict", "model=no-such-model", f"images={shapes['folder']}"))
+        line = one_error_line(cli("predict", "model=no-such-model", f"images={shapes['folder']}"))
         assert line.startswith("error: model: received 'no-such-model'")
     elif case == "unknown_run_id":
-        line = _one_error_line(cli("evaluate", f"model={'0' * 32}", *trained_model["overrides"]))
+        line = one_error_line(cli("evaluate", f"model={'0' * 32}", *trained_model["overrides"]))
         assert line.startswith("error: model: received '" + "0" * 32)
     elif case == "missing_images":
-        line = _one_error_line(cli("predict", f"model={keras_file}", f"images=[{tmp_path / 'nope.png'}]"))
+        line = one_error_line(cli("predict", f"model={keras_file}", f"images=[{tmp_path / 'nope.png'}]"))
         assert line.startswith("error: images: received") and "nope.png" in line
     else:
-        line = _one_error_line(cli("evaluate", f"model={keras_file}", "data=shapes", "data.num_per_class=2",
+        line = one_error_line(cli("evaluate", f"model={keras_file}", "data=shapes", "data.num_per_class=2",
                                    "data.image_size=32", "data.classes=[circle,square,star]"))
         assert line.startswith("error: data: received") and "star" in line and "triangle" in line
