@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-from finetune.errors import FinetuneError, did_you_mean
+from finetune.errors import did_you_mean
 
 COMMANDS = {
     "train": "train a head (and optionally the last blocks of a backbone) on a dataset; record it in MLflow",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from finetune.cli import conf_dir
 from finetune.config import register_configs

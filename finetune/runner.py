@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from pathlib import Path
 
 import keras
@@ -169,7 +168,7 @@ class TrainRun:
         split, ds = ("test", self.test_ds) if self.test_ds is not None else ("val", self.val_ds)
         y_true, y_pred = self.predictions(ds)
         per_class = reports.per_class_metrics(y_true, y_pred, self.classes)
-        metrics.update({f"{split}_{_metric_key(k)}": v for k, v in per_class.items()})
+        metrics.update({f"{split}_{tracking.metric_key(k)}": v for k, v in per_class.items()})
         matrix = reports.plot_confusion_matrix(y_true, y_pred, self.classes,
                                                self.out / "confusion_matrix.png",
                                                f"{self.spec.name} on {self.dataset.name} ({split})")
@@ -210,6 +209,3 @@ class TrainRun:
         return self.parts.backbone
 
 
-def _metric_key(name: str) -> str:
-    """MLflow metric names allow alphanumerics, _ - . / and spaces."""
-    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import mlflow
@@ -90,3 +91,8 @@ def register_model(name: str, artifact_path: str) -> str:
     version = client.create_model_version(name, source=mlflow.get_artifact_uri(artifact_path),
                                           run_id=run.info.run_id)
     return version.version
+
+
+def metric_key(name: str) -> str:
+    """A valid MLflow metric name: alphanumerics, _ - . / and spaces; anything else becomes _."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)

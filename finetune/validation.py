@@ -118,3 +118,10 @@ def check_data_splits(cfg_data) -> None:
         raise ConfigError("data.val_split", val, f"val_split + test_split < 0.9 (test_split={test})")
     if val == 0 and not cfg_data.get("val_path"):
         raise ConfigError("data.val_split", val, "> 0, or a separate data.val_path")
+
+
+def positive_int(key: str, value) -> int:
+    """`value` if it is an integer >= 1, else a ConfigError naming `key`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, value, "an integer >= 1")
+    return int(value)

@@ -108,7 +108,7 @@ def test_folder_run(cli, mlflow_client, tmp_path):
 
 def test_tfds_run_on_mock_data(mlflow_client, store, cache_dir, tmp_path):
     """The real CLI entry point, with tensorflow-datasets' mock_data standing in for the download."""
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import sys
         import tensorflow_datasets as tfds
         from finetune.cli import main

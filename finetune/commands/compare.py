@@ -8,7 +8,6 @@ from finetune.errors import ConfigError
 
 
 def run(cfg, output_dir: Path) -> dict:
-    import mlflow
     from mlflow import MlflowClient
 
     from finetune.tracking import tracking_uri

@@ -14,12 +14,13 @@ validation split is evaluated instead, with a printed note; the metric names say
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 
 from finetune.errors import ConfigError, DataError
+from finetune.tracking import metric_key
+from finetune.validation import positive_int
 
 SPLITS = ("test", "val", "train")
 
@@ -27,8 +28,8 @@ SPLITS = ("test", "val", "train")
 def run(cfg, output_dir: Path) -> dict:
     opts = cfg.evaluate
     split = _split(opts.split)
-    batch_size = _positive_int("evaluate.batch_size", opts.batch_size)
-    top_k = _positive_int("evaluate.top_k", opts.top_k)
+    batch_size = positive_int("evaluate.batch_size", opts.batch_size)
+    top_k = positive_int("evaluate.top_k", opts.top_k)
     from finetune.data import load_dataset  # pure Python for shapes/digits/folder: no TF yet
 
     dataset = load_dataset(cfg.data)
@@ -51,8 +52,8 @@ def run(cfg, output_dir: Path) -> dict:
     metrics, per_class, matrix = compute_metrics(probs, labels, classes, k)
     files = _write_files(output_dir, split, dataset.name, str(cfg.model), classes, metrics, per_class,
                          matrix, probs, labels, paths)
-    prefixed = {f"eval_{split}_{_metric_key(name)}": value for name, value in metrics.items()}
-    prefixed.update({f"eval_{split}_{_metric_key(f'{m}_{c}')}": per_class[c][m]
+    prefixed = {f"eval_{split}_{metric_key(name)}": value for name, value in metrics.items()}
+    prefixed.update({f"eval_{split}_{metric_key(f'{m}_{c}')}": per_class[c][m]
                      for c in classes for m in ("precision", "recall", "f1")})
     run_id, experiment_id, uri, where = _log(cfg, bundle, split, dataset.name, k, prefixed, files)
     _print_summary(metrics, per_class, classes, split, k, output_dir, run_id, experiment_id, uri, where)
@@ -60,10 +61,6 @@ def run(cfg, output_dir: Path) -> dict:
 
 
 # -- options and data -----------------------------------------------------------------------------
-def _positive_int(key: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(key, value, "an integer >= 1")
-    return int(value)
 
 
 def _split(value) -> str:
@@ -149,9 +146,6 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str], k
     return metrics, per_class, matrix
 
 
-def _metric_key(name: str) -> str:
-    """MLflow metric names allow alphanumerics, _ - . / and spaces."""
-    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
 
 
 # -- files ----------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import ConfigError, DataError
+from finetune.validation import positive_int
 
 OUTPUT_SUFFIXES = (".csv", ".json")
 MAX_ROWS_SHOWN = 200        # the printed table stops here; the files hold every image
@@ -28,8 +29,8 @@ PROGRESS_EVERY = 10         # batches between progress lines (only when there ar
 def run(cfg, output_dir: Path) -> dict:
     """Check options and images, resolve the model, predict, print, write files. Returns a summary."""
     opts = cfg.predict
-    top_k = _positive_int("predict.top_k", opts.top_k)
-    batch_size = _positive_int("predict.batch_size", opts.batch_size)
+    top_k = positive_int("predict.top_k", opts.top_k)
+    batch_size = positive_int("predict.batch_size", opts.batch_size)
     output = _output_path(opts.output)
     from finetune.images import list_images
 
@@ -66,7 +67,7 @@ def run(cfg, output_dir: Path) -> dict:
     print("\n== finetune predict: done ==")
     print(f"  images                   {len(rows)}")
     print(f"  model                    {cfg.model}" + (f" (run {bundle.run_id})" if bundle.run_id else ""))
-    print(f"  predicted classes        " + ", ".join(f"{c}: {n}" for c, n in counts.items() if n))
+    print("  predicted classes        " + ", ".join(f"{c}: {n}" for c, n in counts.items() if n))
     print(f"  predictions              {csv_path}")
     if output is not None:
         print(f"  written to               {output}")
@@ -74,10 +75,6 @@ def run(cfg, output_dir: Path) -> dict:
 
 
 # -- options --------------------------------------------------------------------------------------
-def _positive_int(key: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(key, value, "an integer >= 1")
-    return int(value)
 
 
 def _output_path(value) -> Path | None:
