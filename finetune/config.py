@@ -336,6 +336,32 @@ class CompareConfig:
     compare: CompareOptions = field(default_factory=CompareOptions)
 
 
+class OptunaSampler(str, Enum):
+    tpe = "tpe"
+    random = "random"
+    grid = "grid"
+
+
+class Direction(str, Enum):
+    maximize = "maximize"
+    minimize = "minimize"
+
+
+@dataclass
+class OptunaSweeperConfig:
+    """hydra/sweeper=finetune_optuna (see finetune.optuna_sweep for the search-space grammar)."""
+    _target_: str = "hydra_plugins.finetune_optuna_sweeper.optuna_sweeper.FinetuneOptunaSweeper"
+    sampler: OptunaSampler = OptunaSampler.tpe
+    seed: Optional[int] = 0
+    direction: Direction = Direction.maximize  # the jobs return final_val_accuracy
+    study_name: str = "finetune-${tracking.experiment}"
+    storage: Optional[str] = "sqlite:///optuna.db"  # relative to the working dir; null: in memory
+    n_trials: int = 20  # trials the study should have finished, counting earlier runs of it
+    n_jobs: int = 1  # trials launched together (parallel with a parallel launcher)
+    max_consecutive_failures: int = 5
+    params: Dict[str, str] = field(default_factory=dict)
+
+
 def register_configs() -> None:
     """Register the schemas. Groups with one schema are typed by TrainConfig's fields; each `data`
     option has its own schema, which its conf/data/<name>.yaml extends."""
@@ -349,6 +375,7 @@ def register_configs() -> None:
                        "folder": FolderDataConfig, "tfds": TfdsDataConfig,
                        "features": FeaturesDataConfig}.items():
         cs.store(name=f"data_schema_{name}", node=node)
+    cs.store(group="hydra/sweeper", name="finetune_optuna", node=OptunaSweeperConfig, provider="finetune")
 
 
 def choice(value):

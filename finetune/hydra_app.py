@@ -108,8 +108,18 @@ def _task(command: str):
     return task
 
 
+def register_plugins() -> None:
+    """Make finetune's Optuna sweeper known to Hydra. Hydra finds plugins by walking the hydra_plugins
+    namespace, which misses an editable install's (pip install -e) modules; registering is exact."""
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import FinetuneOptunaSweeper
+
+    Plugins.instance().register(FinetuneOptunaSweeper)
+
+
 def run_app(command: str, args: list[str]) -> int:
     register_configs()
+    register_plugins()
     sys.argv = [f"finetune {command}", *args]
     app = hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_task(command))
     app()

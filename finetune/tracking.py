@@ -11,6 +11,8 @@ import mlflow
 MAX_PARAM_VALUE = 6000
 MAX_PARAM_KEY = 250
 PARAM_BATCH = 100
+# The experiment tag MLflow 3's UI reads to choose between its GenAI and its model-training views.
+EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def tracking_uri(cfg_tracking) -> str:
@@ -38,8 +40,16 @@ def use_experiment(cfg_tracking) -> str:
     experiment = mlflow.get_experiment_by_name(cfg_tracking.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    return mlflow.create_experiment(cfg_tracking.experiment,
-                                    artifact_location=artifact_location(cfg_tracking, uri))
+    from mlflow.exceptions import MlflowException
+
+    try:  # tagged as model training, so MLflow 3's UI opens it on "Training runs", not the GenAI view
+        return mlflow.create_experiment(cfg_tracking.experiment, tags={EXPERIMENT_KIND: TRAINING_KIND},
+                                        artifact_location=artifact_location(cfg_tracking, uri))
+    except MlflowException:  # another job created it a moment ago
+        experiment = mlflow.get_experiment_by_name(cfg_tracking.experiment)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def flatten(tree, prefix: str = "") -> dict[str, str]:
@@ -70,7 +80,8 @@ def ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
     """How to look at the run: `mlflow ui` on this store, and the run's page (training runs view)."""
     store = f" --backend-store-uri {uri}" if uri.startswith("sqlite:") else ""
     return (f"mlflow ui{store}   then open "
-            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}")
+            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
+            f" (all runs: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs)")
 
 
 def register_model(name: str, artifact_path: str) -> str:
@@ -91,6 +102,17 @@ def register_model(name: str, artifact_path: str) -> str:
     version = client.create_model_version(name, source=mlflow.get_artifact_uri(artifact_path),
                                           run_id=run.info.run_id)
     return version.version
+
+
+def process_rss_mb() -> float:
+    """This process's resident memory in MiB (what grows if jobs in one process leak)."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:  # Linux without psutil
+        fields = Path("/proc/self/status").read_text().split("VmRSS:")[1].split()
+        return int(fields[0]) / 1024
 
 
 def metric_key(name: str) -> str:

@@ -33,14 +33,21 @@ def cli(store, cache_dir):
     """cli(*args, experiment=...) -> CompletedProcess of `python -m finetune ...` in the store dir."""
 
     def run(*args, experiment: str | None = None, timeout: int = 600, env: dict | None = None):
-        full_env = {**os.environ, "FINETUNE_CACHE_DIR": str(cache_dir), "TF_CPP_MIN_LOG_LEVEL": "2",
-                    **(env or {})}
-        full_env.pop("MLFLOW_TRACKING_URI", None)
-        extra = [f"tracking.experiment={experiment}"] if experiment else []
-        return subprocess.run([sys.executable, "-m", "finetune", *args, *extra], cwd=store,
-                              env=full_env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cli_command(args, experiment), cwd=store, env=cli_env(cache_dir, env),
+                              capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+def cli_command(args, experiment: str | None = None) -> list[str]:
+    extra = [f"tracking.experiment={experiment}"] if experiment else []
+    return [sys.executable, "-m", "finetune", *args, *extra]
+
+
+def cli_env(cache_dir, env: dict | None = None) -> dict:
+    full_env = {**os.environ, "FINETUNE_CACHE_DIR": str(cache_dir), "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    return full_env
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,41 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune.sweep import RUN_ID_FILE
 from finetune.validation import validate_train
 
 
 def run(cfg, output_dir: Path) -> dict:
-    """Validate, load data, then train inside an MLflow run. Returns the final metrics."""
+    """Validate, load data, then train inside an MLflow run. Returns the final metrics.
+
+    Alone, a bad config fails before any MLflow run exists. In a sweep, the job's run is started first,
+    so a bad combination shows in the sweep as a FAILED child run with its params and the error."""
+    from finetune import tracking
+    import mlflow
+
+    tags = sweep_tags()
+    prepared = None if tags else prepare(cfg)
+    experiment_id = tracking.use_experiment(cfg.tracking)
+    run_name = cfg.tracking.run_name or (f"job {tags['sweep_job']}" if tags else None)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                          tags={**tags, **dict(cfg.tracking.tags)}) as active:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / RUN_ID_FILE).write_text(active.info.run_id)  # for sweepers and scripts
+        try:
+            if prepared is None:
+                prepared = _prepare_logged(cfg)
+            metrics = _train_in_run(cfg, *prepared, output_dir)
+            mlflow.log_metric("process_rss_mb", tracking.process_rss_mb())  # memory across sweep jobs
+        except BaseException as error:  # the run ends FAILED; say why on the run itself
+            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            raise
+        run_id = active.info.run_id
+    _print_summary(metrics, run_id, experiment_id, output_dir, tracking.tracking_uri(cfg.tracking))
+    return metrics
+
+
+def prepare(cfg):
+    """(backbone spec, dataset) after the cross-field checks; dataset is None for data=features."""
     spec = validate_train(cfg)
     from finetune.data import load_dataset  # pure Python for generated/folder data: no TF yet
 
@@ -15,21 +45,21 @@ def run(cfg, output_dir: Path) -> dict:
     if dataset is None:
         from finetune.features import read_features
 
-        read_features(cfg.data.path)  # a missing/wrong folder fails here, before any run starts
-    from finetune import tracking
-    import mlflow
+        read_features(cfg.data.path)  # a missing/wrong folder fails here, before training
+    return spec, dataset
 
-    experiment_id = tracking.use_experiment(cfg.tracking)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name,
-                          tags={**sweep_tags(), **dict(cfg.tracking.tags)}) as active:
-        try:
-            metrics = _train_in_run(cfg, spec, dataset, output_dir)
-        except BaseException as error:  # the run ends FAILED; say why on the run itself
-            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
-            raise
-        run_id = active.info.run_id
-    _print_summary(metrics, run_id, experiment_id, output_dir, tracking.tracking_uri(cfg.tracking))
-    return metrics
+
+def _prepare_logged(cfg):
+    """prepare() inside a sweep job's run: if the combination is bad, the run still shows its params."""
+    try:
+        return prepare(cfg)
+    except Exception:
+        from omegaconf import OmegaConf
+
+        from finetune import tracking
+
+        tracking.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
+        raise
 
 
 def sweep_tags() -> dict:
