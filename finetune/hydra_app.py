@@ -8,7 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from finetune.cli import conf_dir
 from finetune.config import register_configs
@@ -96,8 +96,14 @@ def _task(command: str):
 
         hydra_cfg = HydraConfig.get()
         module = importlib.import_module(f"finetune.commands.{command}")
+        output_dir = Path(hydra_cfg.runtime.output_dir)
         try:
-            result = module.run(cfg, Path(hydra_cfg.runtime.output_dir))
+            if hydra_cfg.mode == RunMode.MULTIRUN and OmegaConf.select(cfg, "trainer.isolate_sweep_jobs"):
+                from finetune.isolated_job import run_isolated
+
+                result = run_isolated(command, cfg, output_dir)
+            else:
+                result = module.run(cfg, output_dir)
         except FinetuneError as error:
             if hydra_cfg.mode == RunMode.MULTIRUN:
                 raise

@@ -11,7 +11,9 @@ import mlflow
 MAX_PARAM_VALUE = 6000
 MAX_PARAM_KEY = 250
 PARAM_BATCH = 100
-# The experiment tag MLflow 3's UI reads to choose between its GenAI and its model-training views.
+# The experiment tag in which MLflow records an experiment's kind (GenAI or model training). MLflow 3.17's UI
+# does not pick its view from it (the UI's own "GenAI / Model training" switch does); the links printed by
+# ui_hint therefore go straight to the runs table (#/experiments/<id>/runs).
 EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
@@ -42,7 +44,7 @@ def use_experiment(cfg_tracking) -> str:
         return experiment.experiment_id
     from mlflow.exceptions import MlflowException
 
-    try:  # tagged as model training, so MLflow 3's UI opens it on "Training runs", not the GenAI view
+    try:  # recorded as a model-training experiment
         return mlflow.create_experiment(cfg_tracking.experiment, tags={EXPERIMENT_KIND: TRAINING_KIND},
                                         artifact_location=artifact_location(cfg_tracking, uri))
     except MlflowException:  # another job created it a moment ago

@@ -5,7 +5,7 @@
 # only Debian's package works on this closed network.
 # Exit status: 0 when /usr/bin/chromium is there afterwards, 1 otherwise.
 set -uo pipefail
-browser="${FINETUNE_CHROMIUM:-/usr/bin/chromium}"
+browser=/usr/bin/chromium
 if [ -x "$browser" ]; then
   exit 0
 fi

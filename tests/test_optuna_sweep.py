@@ -59,6 +59,12 @@ def test_a_killed_study_resumes_where_it_stopped(store, cache_dir, mlflow_client
     args = cli_command(["train", "-m", *TINY, *TINY_SHAPES, "hparams_search=head_optuna",
                         "hydra.sweeper.n_trials=4"], experiment)
     env = cli_env(cache_dir)
+
+    def running_children(name):
+        if mlflow_client.get_experiment_by_name(name) is None:
+            return []
+        return [c for c in sweep_runs(mlflow_client, name)[1] if c.info.status == "RUNNING"]
+
     first = subprocess.Popen(args, cwd=store, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              start_new_session=True)
     try:
@@ -70,7 +76,8 @@ def test_a_killed_study_resumes_where_it_stopped(store, cache_dir, mlflow_client
                     states = [t.state.name for t in load_study(store, name).trials]
                 except KeyError:  # the study is not created yet
                     continue
-                if states.count("COMPLETE") >= 2 and "RUNNING" in states:  # killed in its 3rd trial
+                # killed in its 3rd trial, once that trial's MLflow run has started
+                if states.count("COMPLETE") >= 2 and "RUNNING" in states and running_children(experiment):
                     break
         assert first.poll() is None, "the sweep ended before it could be interrupted: " + first.stderr.read()[-2000:]
     finally:

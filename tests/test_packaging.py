@@ -36,5 +36,6 @@ def test_every_conf_group_is_packaged():
     import tomllib
 
     packages = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    groups = {f"finetune.conf.{p.name}" for p in (REPO / "conf").iterdir() if p.is_dir()}
+    conf = REPO / "conf"
+    groups = {"finetune.conf." + ".".join(p.relative_to(conf).parts) for p in conf.rglob("*") if p.is_dir()}
     assert groups <= packages, f"add {groups - packages} to [tool.setuptools] packages"
