@@ -30,7 +30,8 @@ def sweep_runs(client, experiment):
 def test_a_failed_trial_is_recorded_and_the_study_goes_on(cli, store, mlflow_client):
     # grid over 4 depths; the network has fewer than 99 blocks, so that trial fails
     result = cli("train", "-m", *TINY, *TINY_SHAPES, "hparams_search=freeze_optuna", "hydra.sweeper.sampler=grid",
-                 "freeze.n=choice(1,2,3,99)", "optimizer.lr=1e-3", experiment="optuna_failing")
+                 "freeze.n=choice(1,2,3,99)", "optimizer.lr=1e-3", "trainer.isolate_sweep_jobs=false",
+                 experiment="optuna_failing")  # jobs in one process: quicker; isolation is tested in test_sweep
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trial" in result.stdout and "FAILED" in result.stdout
 

@@ -74,7 +74,8 @@ def test_four_parallel_jobs_on_a_fresh_store(tmp_path, cache_dir):
     to create its tables). The parent callback creates it once, before the jobs start."""
     assert not (tmp_path / "mlflow.db").exists()
     args = cli_command(["train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *TINY, *TINY_SHAPES,
-                        "optimizer.lr=1e-3,3e-3,1e-2,3e-2"], "parallel")
+                        "optimizer.lr=1e-3,3e-3,1e-2,3e-2",
+                        "trainer.isolate_sweep_jobs=false"], "parallel")  # joblib's workers are processes already
     result = subprocess.run(args, cwd=tmp_path, env=cli_env(cache_dir), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "OperationalError" not in result.stderr, result.stderr[-3000:]
