@@ -15,6 +15,7 @@ COMMANDS = {
     "evaluate": "metrics, per-class report and confusion matrix of a trained model on a dataset",
     "export": "write a trained model as .keras / SavedModel / TFLite and check each against Keras",
     "compare": "table (and plot) of the runs of a sweep or an experiment, best first",
+    "cache": "list or clear the feature cache (backbone features that frozen-backbone training reuses)",
 }
 
 USAGE = """usage: finetune <command> [hydra overrides] [hydra flags]

@@ -52,6 +52,12 @@ class Augment(str, Enum):
     flip = "flip"
 
 
+class FeatureCacheMode(str, Enum):
+    auto = "auto"
+    off = "off"
+    refresh = "refresh"
+
+
 @dataclass
 class BackboneConfig:
     name: str = MISSING
@@ -190,6 +196,11 @@ class TrainerConfig:
     # trained in a process, which keras.backend.clear_session() does not return (measured: 35-180 MB a
     # job), so a long sweep in one process grows until it is killed. Costs one TF import a job.
     isolate_sweep_jobs: bool = True
+    # A stage whose backbone is entirely frozen, without augmentation, trains the head on backbone
+    # features computed once and kept on disk (reused by later runs and every trial of a sweep):
+    # auto = use/extend the cache, refresh = recompute, off = run images through the backbone each epoch
+    feature_cache: FeatureCacheMode = FeatureCacheMode.auto
+    feature_cache_max_gb: float = 10.0  # least recently used entries go beyond this
 
 
 @dataclass
@@ -340,6 +351,23 @@ class CompareConfig:
     compare: CompareOptions = field(default_factory=CompareOptions)
 
 
+class CacheAction(str, Enum):
+    list = "list"
+    clear = "clear"
+
+
+@dataclass
+class CacheOptions:
+    action: CacheAction = CacheAction.list
+    # clear only this entry (a key from `finetune cache`); null = every entry
+    key: Optional[str] = None
+
+
+@dataclass
+class CacheConfig:
+    cache: CacheOptions = field(default_factory=CacheOptions)
+
+
 class OptunaSampler(str, Enum):
     tpe = "tpe"
     random = "random"
@@ -373,7 +401,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     for command, node in {"classify": ClassifyConfig, "extract": ExtractConfig, "predict": PredictConfig,
                           "evaluate": EvaluateConfig, "export": ExportConfig,
-                          "compare": CompareConfig}.items():
+                          "compare": CompareConfig, "cache": CacheConfig}.items():
         cs.store(name=f"{command}_schema", node=node)
     for name, node in {"shapes": ShapesDataConfig, "digits": DigitsDataConfig,
                        "folder": FolderDataConfig, "tfds": TfdsDataConfig,

@@ -47,8 +47,10 @@ class TrainRun:
         size = self.parts.input_shape[:2]
         common = dict(image_size=size, batch_size=int(t.batch_size), seed=int(d.seed),
                       cache=choice(d.cache), cache_max_mb=int(d.cache_max_mb))
+        # one iterator for the whole stage (repeat + steps_per_epoch): a new iterator every epoch
+        # stalls each epoch's end until tf.data's autotuner wakes up (measured: up to 2x on short epochs)
         self.train_ds = make_pipeline(self.dataset, "train", training=True,
-                                      augment=choice(d.augment), **common)
+                                      augment=choice(d.augment), **common).repeat()
         # the training images in order, without augmentation: for BatchNorm re-estimation
         self.train_plain_ds = make_pipeline(self.dataset, "train", training=False, **common)
         self.val_ds = make_pipeline(self.dataset, "val", training=False, **common)
@@ -56,6 +58,7 @@ class TrainRun:
                         if self.dataset.test is not None and self.dataset.test.size else None)
         self.steps_per_epoch = t.steps_per_epoch or max(1, math.ceil(
             self.dataset.train.size / int(t.batch_size)))
+        self.feature_sets = None  # {"train"/"val"/"test": (features, labels)} while a stage uses them
 
     # -- what the run records before training ------------------------------------------------------
     def log_setup(self) -> None:
@@ -115,10 +118,13 @@ class TrainRun:
         print(f"\n-- stage {index + 1} '{stage.name}': {stage.epochs} epoch(s), lr={stage.lr:g}, "
               f"freeze={stage.policy}" + (f" n={stage.n}" if stage.policy == "last_n" else ""))
         callbacks = [MlflowEpochMetrics(index), *early_stopping(self.cfg.trainer.early_stopping)]
-        history = fit_stage(model, self.train_ds, self.val_ds, first_epoch=first_epoch,
-                            epochs=stage.epochs, callbacks=callbacks,
-                            steps_per_epoch=self.cfg.trainer.steps_per_epoch,
-                            verbose=int(self.cfg.trainer.verbose))
+        self.feature_sets = None
+        if self.uses_feature_cache(backbone_trains, bn_layers):
+            history = self.fit_head_on_features(index, stage, first_epoch, callbacks)
+        else:
+            history = fit_stage(model, self.train_ds, self.val_ds, first_epoch=first_epoch,
+                                epochs=stage.epochs, callbacks=callbacks, steps_per_epoch=self.steps_per_epoch,
+                                verbose=int(self.cfg.trainer.verbose))
         for key, values in history.history.items():
             self.history.setdefault(key, []).extend(float(v) for v in values)
         last_epoch = first_epoch + len(history.epoch)
@@ -126,6 +132,95 @@ class TrainRun:
             self.recalibrate(model, bn_layers, last_epoch - 1)
         self.model = model
         return last_epoch
+
+    # -- a frozen backbone's features, computed once ------------------------------------------------
+    def uses_feature_cache(self, backbone_trains: bool, bn_layers) -> bool:
+        """Only where training on cached features is exactly training on images: nothing in the backbone
+        trains, it runs in inference mode, and no augmentation changes the inputs between epochs."""
+        return (choice(self.cfg.trainer.feature_cache) != "off" and not backbone_trains and not bn_layers
+                and choice(self.cfg.data.augment) == "none")
+
+    def fit_head_on_features(self, index: int, stage, first_epoch: int, callbacks):
+        import tensorflow as tf
+
+        self.feature_sets = self.cached_features()
+        features, labels = self.feature_sets["train"]
+        inputs = keras.Input(shape=features.shape[1:], name="features")
+        x = inputs
+        for layer in self.parts.head:  # the same layer objects: the assembled model gets the weights
+            x = layer(x)
+        self.head_model = keras.Model(inputs, x, name="head_on_features")
+        compile_model(self.head_model, self.cfg.optimizer, stage.lr, len(self.classes))
+        batch, seed = int(self.cfg.trainer.batch_size), int(self.cfg.data.seed)
+        train = (tf.data.Dataset.from_tensor_slices((features, labels))
+                 .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+                 .batch(batch).repeat().prefetch(tf.data.AUTOTUNE))
+        print(f"   training the head on cached {self.spec.name} features {tuple(features.shape[1:])} "
+              f"of {len(labels)} training images")
+        return fit_stage(self.head_model, train, self.feature_dataset("val"), first_epoch=first_epoch,
+                         epochs=stage.epochs, callbacks=callbacks, steps_per_epoch=self.steps_per_epoch,
+                         verbose=int(self.cfg.trainer.verbose))
+
+    def feature_dataset(self, split: str):
+        import tensorflow as tf
+
+        if not self.feature_sets or split not in self.feature_sets:
+            return None
+        features, labels = self.feature_sets[split]
+        return tf.data.Dataset.from_tensor_slices((features, labels)).batch(int(self.cfg.trainer.batch_size))
+
+    def cached_features(self) -> dict:
+        """(features, labels) of every split, from the feature cache or extracted (then stored)."""
+        import time
+
+        from finetune.feature_cache import FeatureCache, cache_key, split_fingerprint, weights_digest
+
+        cache = FeatureCache(max_gb=float(self.cfg.trainer.feature_cache_max_gb))
+        refresh = choice(self.cfg.trainer.feature_cache) == "refresh"
+        backbone = {"name": self.spec.name, "include_top": bool(self.cfg.backbone.include_top),
+                    "pooling": choice(self.cfg.backbone.pooling), "input_shape": list(self.input_shape()),
+                    "preprocess": self.spec.preprocess, "weights": weights_digest(self.parts.backbone),
+                    "layer": None, "keras": keras.__version__}
+        extractor = None
+        sets, status = {}, {}
+        pipelines = {"train": self.train_plain_ds, "val": self.val_ds, "test": self.test_ds}
+        for split, ds in pipelines.items():
+            if ds is None:
+                continue
+            description = {"backbone": backbone, "data": split_fingerprint(self.dataset, split)}
+            key = cache_key(description)
+            found = None if refresh else cache.load(key)
+            if found is None:
+                extractor = extractor or self.feature_extractor()
+                start = time.perf_counter()
+                found = self.extract(extractor, ds)
+                seconds = time.perf_counter() - start
+                cache.store(key, found["features"], found["labels"], description)
+                print(f"   feature cache miss ({split}): extracted {len(found['labels'])} images in {seconds:.1f} s "
+                      f"({len(found['labels']) / max(seconds, 1e-9):.0f} images/s); key {key}")
+                status[split] = "refresh" if refresh else "miss"
+            else:
+                print(f"   feature cache hit ({split}): {len(found['labels'])} images; key {key}")
+                status[split] = "hit"
+            sets[split] = (found["features"], found["labels"])
+            tracking.log_params({f"feature_cache.{split}.key": key})
+            mlflow.set_tag(f"feature_cache.{split}", status[split])
+        mlflow.set_tag("feature_cache", ",".join(sorted(set(status.values()))))
+        mlflow.set_tag("feature_cache_dir", str(cache.root))
+        return sets
+
+    def feature_extractor(self):
+        inputs = keras.Input(shape=self.input_shape(), name="image")
+        x = self.parts.backbone(self.parts.preprocess(inputs), training=False)
+        return keras.Model(inputs, x, name="feature_extractor")
+
+    @staticmethod
+    def extract(extractor, ds) -> dict:
+        features, labels = [], []
+        for images, batch_labels in ds:
+            features.append(np.asarray(extractor.predict_on_batch(images), np.float32))
+            labels.append(batch_labels.numpy())
+        return {"features": np.concatenate(features), "labels": np.concatenate(labels).astype(np.int32)}
 
     def record_plan(self, index: int, stage, plan, model) -> None:
         title = (f"freeze plan, stage {index + 1} '{stage.name}' ({self.spec.name}, freeze={stage.policy}"
@@ -159,14 +254,20 @@ class TrainRun:
 
     # -- the end -----------------------------------------------------------------------------------
     def evaluate(self) -> dict:
+        """Metrics of the final model. After a stage on cached features, the head on those features is
+        the whole model's computation (the backbone ran in inference mode), so no image is run again."""
+        if self.feature_sets:
+            model, sets = self.head_model, {s: self.feature_dataset(s) for s in ("val", "test")}
+        else:
+            model, sets = self.model, {"val": self.val_ds, "test": self.test_ds}
         metrics = {}
-        for split, ds in (("val", self.val_ds), ("test", self.test_ds)):
+        for split, ds in sets.items():
             if ds is None:
                 continue
             metrics.update({f"{split}_{k}": float(v) for k, v in
-                            self.model.evaluate(ds, verbose=0, return_dict=True).items()})
-        split, ds = ("test", self.test_ds) if self.test_ds is not None else ("val", self.val_ds)
-        y_true, y_pred = self.predictions(ds)
+                            model.evaluate(ds, verbose=0, return_dict=True).items()})
+        split = "test" if sets["test"] is not None else "val"
+        y_true, y_pred = self.predictions(model, sets[split])
         per_class = reports.per_class_metrics(y_true, y_pred, self.classes)
         metrics.update({f"{split}_{tracking.metric_key(k)}": v for k, v in per_class.items()})
         matrix = reports.plot_confusion_matrix(y_true, y_pred, self.classes,
@@ -179,10 +280,11 @@ class TrainRun:
         (self.out / "metrics.json").write_text(json.dumps(final, indent=1))
         return final
 
-    def predictions(self, ds):
+    @staticmethod
+    def predictions(model, ds):
         y_true, y_pred = [], []
-        for images, labels in ds:
-            y_pred.append(np.argmax(self.model.predict_on_batch(images), axis=-1))
+        for inputs, labels in ds:
+            y_pred.append(np.argmax(model.predict_on_batch(inputs), axis=-1))
             y_true.append(labels.numpy())
         return np.concatenate(y_true), np.concatenate(y_pred)
 
