@@ -52,6 +52,13 @@ class Augment(str, Enum):
     flip = "flip"
 
 
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    mixed_bfloat16 = "mixed_bfloat16"
+    mixed_float16 = "mixed_float16"
+
+
 class FeatureCacheMode(str, Enum):
     auto = "auto"
     off = "off"
@@ -201,6 +208,9 @@ class TrainerConfig:
     # auto = use/extend the cache, refresh = recompute, off = run images through the backbone each epoch
     feature_cache: FeatureCacheMode = FeatureCacheMode.auto
     feature_cache_max_gb: float = 10.0  # least recently used entries go beyond this
+    # auto: what finetune.compute measured fastest for this device class and backbone family
+    precision: Precision = Precision.auto
+    jit_compile: str = "auto"  # auto | true | false (XLA)
 
 
 @dataclass

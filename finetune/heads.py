@@ -26,4 +26,5 @@ def build_head(cfg_head, num_classes: int) -> list:
 
 
 def _classifier(num_classes: int):
-    return keras.layers.Dense(num_classes, activation="softmax", name="classifier")
+    # float32 whatever the precision policy: a softmax in bfloat16/float16 loses the small probabilities
+    return keras.layers.Dense(num_classes, activation="softmax", name="classifier", dtype="float32")

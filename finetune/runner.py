@@ -12,6 +12,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from finetune import batchnorm, reports, tracking
+from finetune.compute import ComputeChoice, choose, device_class
 from finetune.config import choice
 from finetune.data import make_pipeline
 from finetune.freeze import apply_freeze, format_plan, plan_json, trained_batchnorm_layers
@@ -27,18 +28,26 @@ class TrainRun:
         self.classes = list(dataset.class_names)
         self.history: dict[str, list[float]] = {}
         self.stage_starts: list[tuple[str, int]] = []
+        self.feature_sets = None  # {"train"/"val"/"test": (features, labels)} while a stage uses them
+        self.compute = ComputeChoice("fp32", False, "a head alone")  # execute() chooses for a backbone
 
     def execute(self) -> dict:
         keras.backend.clear_session()  # a fresh graph per run: sweeps run many jobs in one process
         keras.utils.set_random_seed(int(self.cfg.trainer.seed))
-        self.parts = build_parts(self.cfg.backbone, self.cfg.head, self.spec, len(self.classes))
-        self.pipelines()
-        self.log_setup()
-        epoch = 0
-        for index, stage in enumerate(resolve_stages(self.cfg)):
-            epoch = self.run_stage(index, stage, epoch)
-        metrics = self.evaluate()
-        self.save_artifacts()
+        self.compute = choose(choice(self.cfg.trainer.precision), str(self.cfg.trainer.jit_compile).lower(),
+                              self.spec.family, device_class())
+        keras.mixed_precision.set_global_policy(self.compute.keras_policy)
+        try:
+            self.parts = build_parts(self.cfg.backbone, self.cfg.head, self.spec, len(self.classes))
+            self.pipelines()
+            self.log_setup()
+            epoch = 0
+            for index, stage in enumerate(resolve_stages(self.cfg)):
+                epoch = self.run_stage(index, stage, epoch)
+            metrics = self.evaluate()
+            self.save_artifacts()
+        finally:  # later models in this process (a sweep's next job, predict) start from the default
+            keras.mixed_precision.set_global_policy("float32")
         return metrics
 
     # -- data -------------------------------------------------------------------------------------
@@ -58,7 +67,6 @@ class TrainRun:
                         if self.dataset.test is not None and self.dataset.test.size else None)
         self.steps_per_epoch = t.steps_per_epoch or max(1, math.ceil(
             self.dataset.train.size / int(t.batch_size)))
-        self.feature_sets = None  # {"train"/"val"/"test": (features, labels)} while a stage uses them
 
     # -- what the run records before training ------------------------------------------------------
     def log_setup(self) -> None:
@@ -76,7 +84,10 @@ class TrainRun:
             "num_classes": len(self.classes),
             "class_names": ",".join(self.classes),
             "params_total": self.parts_param_count(),
+            "compute.precision": self.compute.precision, "compute.jit_compile": self.compute.jit_compile,
         })
+        mlflow.set_tag("compute.reason", self.compute.reason)
+        print(f"   compute: {self.compute.precision}, jit_compile={self.compute.jit_compile} ({self.compute.reason})")
         (self.out / "label_map.json").write_text(json.dumps({
             "class_names": self.classes, "backbone": self.spec.name,
             "input_shape": list(self.input_shape()), "preprocess": self.spec.preprocess,
@@ -113,7 +124,8 @@ class TrainRun:
         self.record_plan(index, stage, plan, model)
         bn_layers = trained_batchnorm_layers(model) if self.cfg.trainer.bn_recalibration else []
         batchnorm.set_momentum(bn_layers, batchnorm.momentum_for(self.steps_per_epoch))
-        compile_model(model, self.cfg.optimizer, stage.lr, len(self.classes))  # after trainable changes
+        compile_model(model, self.cfg.optimizer, stage.lr, len(self.classes),  # after trainable changes
+                      jit_compile=self.compute.jit_compile)
         self.stage_starts.append((stage.name, first_epoch))
         print(f"\n-- stage {index + 1} '{stage.name}': {stage.epochs} epoch(s), lr={stage.lr:g}, "
               f"freeze={stage.policy}" + (f" n={stage.n}" if stage.policy == "last_n" else ""))
@@ -150,7 +162,8 @@ class TrainRun:
         for layer in self.parts.head:  # the same layer objects: the assembled model gets the weights
             x = layer(x)
         self.head_model = keras.Model(inputs, x, name="head_on_features")
-        compile_model(self.head_model, self.cfg.optimizer, stage.lr, len(self.classes))
+        compile_model(self.head_model, self.cfg.optimizer, stage.lr, len(self.classes),
+                      jit_compile=self.compute.jit_compile)
         batch, seed = int(self.cfg.trainer.batch_size), int(self.cfg.data.seed)
         train = (tf.data.Dataset.from_tensor_slices((features, labels))
                  .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
@@ -180,7 +193,7 @@ class TrainRun:
         backbone = {"name": self.spec.name, "include_top": bool(self.cfg.backbone.include_top),
                     "pooling": choice(self.cfg.backbone.pooling), "input_shape": list(self.input_shape()),
                     "preprocess": self.spec.preprocess, "weights": weights_digest(self.parts.backbone),
-                    "layer": None, "keras": keras.__version__}
+                    "layer": None, "keras": keras.__version__, "precision": self.compute.keras_policy}
         extractor = None
         sets, status = {}, {}
         pipelines = {"train": self.train_plain_ds, "val": self.val_ds, "test": self.test_ds}

@@ -50,11 +50,11 @@ def metric_objects(num_classes: int) -> list:
     return metrics
 
 
-def compile_model(model, cfg_opt, lr: float, num_classes: int) -> None:
+def compile_model(model, cfg_opt, lr: float, num_classes: int, jit_compile: bool = False) -> None:
     """(Re)compile: required after any change of `trainable` for it to take effect."""
     model.compile(optimizer=make_optimizer(cfg_opt, lr),
                   loss=keras.losses.SparseCategoricalCrossentropy(),
-                  metrics=metric_objects(num_classes))
+                  metrics=metric_objects(num_classes), jit_compile=jit_compile)
 
 
 def early_stopping(cfg_es) -> list:

@@ -92,6 +92,8 @@ def check_freeze(cfg, spec: BackboneSpec) -> None:
 
 
 def check_trainer(cfg_trainer, cfg_optimizer) -> None:
+    if str(cfg_trainer.jit_compile).lower() not in ("auto", "true", "false"):
+        raise ConfigError("trainer.jit_compile", cfg_trainer.jit_compile, "auto, true or false")
     if cfg_trainer.batch_size < 1:
         raise ConfigError("trainer.batch_size", cfg_trainer.batch_size, "an integer >= 1")
     if not cfg_trainer.stages and cfg_trainer.epochs < 1:
