@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite, from a fresh clone: sets up .venv, then runs every test (offline; about 5.5 minutes
+# The test suite, from a fresh clone: sets up .venv, then runs every test (offline; about 10 minutes
 # on 2 cores). Test files are spread over 2 worker processes (pytest-xdist, one file per worker at a
 # time, so module fixtures stay shared); extra arguments go to pytest, e.g. `-n 0` for one process.
 set -euo pipefail

@@ -87,3 +87,15 @@ def one_error_line(result) -> str:
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr[-2000:]
     return errors[0]
+
+
+# The longest test files first: pytest-xdist (--dist loadfile) hands out files in collection order, so
+# long files collected last (alphabetical order) would leave one worker busy alone at the end.
+LONGEST_FIRST = ["test_sweep.py", "test_optuna_sweep.py", "test_transfer_demo.py", "test_train_cli.py",
+                 "test_feature_cache.py", "test_predict_evaluate.py", "test_export.py", "test_bench_smoke.py",
+                 "test_compute.py", "test_mlflow_ui.py", "test_classify_extract.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept

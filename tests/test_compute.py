@@ -33,18 +33,24 @@ def test_bad_jit_compile_value_is_one_line(cli):
 
 
 @pytest.mark.slow
-def test_bfloat16_stays_within_tolerance_of_fp32_and_is_recorded(cli, mlflow_client, trained_model):
-    backbone_file = trained_model["model_dir"].parent / "backbone.weights.h5"  # trained: real features
+def test_auto_precision_stays_within_tolerance_of_fp32_and_is_recorded(cli, mlflow_client):
+    """VGG16 (a family auto runs in bfloat16 on CPUs with bf16 units; random weights: VGG has no
+    BatchNorm, so its features are informative) on the 1,797 digits: validation accuracy with `auto`
+    within ACCURACY_TOLERANCE of fp32's. Where auto picks fp32 (no bf16 units), the two runs agree."""
+    from finetune.compute import choose, device_class_without_tf
+
     metrics = {}
-    for precision in ("fp32", "mixed_bfloat16"):
+    for precision in ("fp32", "auto"):
         experiment = f"precision_{precision}"
-        result = cli("train", *TINY, *TINY_SHAPES, f"backbone.weights={backbone_file}", "freeze=all",
-                     "trainer.epochs=3", "optimizer.lr=1e-2", f"trainer.precision={precision}",
-                     experiment=experiment)
+        result = cli("train", "backbone=vgg16", "backbone.weights=null", "backbone.input_shape=[32,32]",
+                     "data=digits", "freeze=all", "head=linear", "trainer.epochs=4", "optimizer.lr=1e-3",
+                     "trainer.verbose=0", f"trainer.precision={precision}", experiment=experiment)
         assert result.returncode == 0, result.stderr[-3000:]
         (run,) = runs_of(mlflow_client, experiment)
-        assert run.data.params["compute.precision"] == precision
-        assert run.data.params["compute.jit_compile"] == "False"
+        expected = "fp32" if precision == "fp32" else choose("auto", "auto", "vgg", device_class_without_tf()).precision
+        assert run.data.params["compute.precision"] == expected
+        assert run.data.params["compute.jit_compile"] == "False" and run.data.tags["compute.reason"]
         metrics[precision] = run.data.metrics
-    for name in ("final_val_accuracy", "test_accuracy"):
-        assert abs(metrics["mixed_bfloat16"][name] - metrics["fp32"][name]) <= ACCURACY_TOLERANCE, name
+    assert metrics["fp32"]["final_val_accuracy"] > 0.2  # well above chance (0.1): a comparison that means something
+    # the tolerance is on the validation set (359 images); the 179 test images resolve only ~4%
+    assert abs(metrics["auto"]["final_val_accuracy"] - metrics["fp32"]["final_val_accuracy"]) <= ACCURACY_TOLERANCE
