@@ -200,8 +200,9 @@ class TrainerConfig:
     steps_per_epoch: Optional[int] = None
     verbose: int = 2
     # In a multirun, train each job in a fresh process: TensorFlow/Keras keep memory of every model
-    # trained in a process, which keras.backend.clear_session() does not return (measured: 35-180 MB a
-    # job), so a long sweep in one process grows until it is killed. Costs one TF import a job.
+    # trained in a process, which keras.backend.clear_session() does not return (measured: +192 MB a
+    # job training MobileNetV2 end to end), so a long sweep in one process grows until it is killed.
+    # Costs one Python/TF start-up a job (~4-8 s here).
     isolate_sweep_jobs: bool = True
     # A stage whose backbone is entirely frozen, without augmentation, trains the head on backbone
     # features computed once and kept on disk (reused by later runs and every trial of a sweep):

@@ -1,6 +1,7 @@
 """`finetune train`: dataset -> trained model + an MLflow run holding everything about it."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from finetune.sweep import RUN_ID_FILE
@@ -23,6 +24,7 @@ def run(cfg, output_dir: Path) -> dict:
                           tags={**tags, **dict(cfg.tracking.tags)}) as active:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         (Path(output_dir) / RUN_ID_FILE).write_text(active.info.run_id)  # for sweepers and scripts
+        mlflow.set_tag("process_id", str(os.getpid()))  # sweep jobs: which shared a process
         try:
             if prepared is None:
                 prepared = _prepare_logged(cfg)
