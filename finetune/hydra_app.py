@@ -8,7 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.cli import conf_dir
 from finetune.config import register_configs
@@ -123,8 +123,38 @@ def register_plugins() -> None:
     Plugins.instance().register(FinetuneOptunaSweeper)
 
 
+def app_help(command: str, overrides: list[str]) -> str:
+    """What Hydra's --help prints (header, config groups, the composed config, footer), in about a
+    quarter of its time: Hydra lists each group by copying the whole config store once per group
+    (~1.5 s with finetune's schemas); the groups are read here from conf/'s folders."""
+    from hydra import compose, initialize_config_dir
+
+    root = conf_dir()
+    with initialize_config_dir(config_dir=str(root), version_base="1.3", job_name=command):
+        cfg = compose(config_name=command, overrides=overrides, return_hydra_config=True)
+    defaults = OmegaConf.load(root / f"{command}.yaml").get("defaults", [])
+    groups = sorted(key for entry in defaults if isinstance(entry, DictConfig) for key in entry
+                    if " " not in key and "/" not in key and (root / key).is_dir())
+    lines = [f"{g}: {', '.join(sorted(f.stem for f in (root / g).glob('*.yaml')))}" for g in groups]
+    hydra_help = cfg.hydra.help
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return (f"{hydra_help.header}\n== Configuration groups ==\n"
+            "Compose your configuration from those groups (group=option)\n\n" + "\n".join(lines)
+            + "\n\n\n== Config ==\nOverride anything in the config (foo.bar=value)\n\n"
+            + OmegaConf.to_yaml(cfg) + f"\n{hydra_help.footer}")
+
+
 def run_app(command: str, args: list[str]) -> int:
     register_configs()
+    if "--help" in args or "-h" in args:
+        try:
+            text = app_help(command, [a for a in args if not a.startswith("-")])
+        except Exception as error:  # noqa: BLE001 - every composition error becomes one line
+            print(f"error: {explain_composition_error(error)}", file=sys.stderr)
+            return 2
+        print(text)
+        return 0
     register_plugins()
     sys.argv = [f"finetune {command}", *args]
     app = hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_task(command))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import textwrap
 
@@ -206,3 +207,13 @@ def test_failure_inside_a_run_marks_it_failed(cli, mlflow_client, tmp_path):
     (run,) = runs_of(mlflow_client, "e2e_failed")
     assert run.info.status == "FAILED"
     assert "backbone.weights" in run.data.tags["error"]
+
+
+def test_help_and_cfg_job_never_import_tensorflow(tmp_path):
+    """--help and --cfg job answer in well under 2 s here because TensorFlow is not imported."""
+    code = ("import sys; from finetune.cli import main; main(sys.argv[1:]); "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
+    for args in (["train", "--help"], ["train", "--cfg", "job"], ["train", "--help", "trainer.epoch=3"]):
+        done = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True)
+        assert "tensorflow was imported" not in done.stderr, args
+        assert done.returncode in (0, 2) and "Traceback" not in done.stderr, done.stderr[-2000:]
