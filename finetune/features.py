@@ -16,8 +16,8 @@ from finetune.errors import ConfigError, DataError
 MANIFEST = "manifest.json"
 
 
-def feature_model(backbone, preprocess, input_shape, layer: str | None):
-    """raw image -> preprocess -> backbone (or its `layer`) -> flattened vector."""
+def feature_model(backbone, preprocess, input_shape, layer: str | None, flatten: bool = True):
+    """raw image -> preprocess -> backbone (or its `layer`) -> vector (flattened unless flatten=False)."""
     import keras
 
     if layer:
@@ -29,7 +29,7 @@ def feature_model(backbone, preprocess, input_shape, layer: str | None):
         backbone = keras.Model(backbone.inputs, backbone.get_layer(layer).output, name=f"{backbone.name}_{layer}")
     inputs = keras.Input(shape=input_shape, name="image")
     x = backbone(preprocess(inputs), training=False)
-    if len(x.shape) > 2:
+    if flatten and len(x.shape) > 2:
         x = keras.layers.Flatten(name="flatten_features")(x)
     return keras.Model(inputs, x, name="feature_extractor")
 

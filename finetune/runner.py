@@ -223,9 +223,10 @@ class TrainRun:
         return sets
 
     def feature_extractor(self):
-        inputs = keras.Input(shape=self.input_shape(), name="image")
-        x = self.parts.backbone(self.parts.preprocess(inputs), training=False)
-        return keras.Model(inputs, x, name="feature_extractor")
+        from finetune.features import feature_model
+
+        # the backbone's own output shape: the head was built for it (a Flatten head flattens itself)
+        return feature_model(self.parts.backbone, self.parts.preprocess, self.input_shape(), None, flatten=False)
 
     @staticmethod
     def extract(extractor, ds) -> dict:

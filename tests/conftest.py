@@ -63,6 +63,14 @@ def runs_of(client, experiment: str):
     return client.search_runs([exp.experiment_id])
 
 
+def sweep_runs(client, experiment: str):
+    """(parent runs, child runs) of the sweeps in an experiment."""
+    runs = runs_of(client, experiment)
+    parents = [r for r in runs if r.data.tags.get("finetune.sweep") == "parent"]
+    children = [r for r in runs if r.data.tags.get("finetune.sweep") == "child"]
+    return parents, children
+
+
 @pytest.fixture(scope="session")
 def trained_model(cli, mlflow_client):
     """A tiny model trained once per session through the real CLI, for predict/evaluate/export tests.

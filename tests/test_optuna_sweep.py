@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import TINY, TINY_SHAPES, cli_command, cli_env, runs_of
+from tests.conftest import TINY, TINY_SHAPES, cli_command, cli_env, sweep_runs
 
 pytestmark = pytest.mark.slow
 
@@ -18,13 +18,6 @@ def load_study(store, name):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.load_study(study_name=name, storage=f"sqlite:///{store / 'optuna.db'}")
-
-
-def sweep_runs(client, experiment):
-    runs = runs_of(client, experiment)
-    parents = [r for r in runs if r.data.tags.get("finetune.sweep") == "parent"]
-    children = [r for r in runs if r.data.tags.get("finetune.sweep") == "child"]
-    return parents, children
 
 
 def test_a_failed_trial_is_recorded_and_the_study_goes_on(cli, store, mlflow_client):

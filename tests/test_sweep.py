@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import TINY, TINY_SHAPES, cli_command, cli_env, runs_of
+from tests.conftest import TINY, TINY_SHAPES, cli_command, cli_env, runs_of, sweep_runs
 
 pytestmark = pytest.mark.slow
 
@@ -13,13 +13,6 @@ pytestmark = pytest.mark.slow
 # one process (trainer.isolate_sweep_jobs=false), training MobileNetV2 end to end grew ~190 MB per job
 # here (scripts/bench_sweep_memory.py freeze=none: 1499 -> 2458 MB over 6 jobs).
 RSS_SPREAD_LIMIT_MB = 60
-
-
-def sweep_runs(client, experiment):
-    runs = runs_of(client, experiment)
-    parents = [r for r in runs if r.data.tags.get("finetune.sweep") == "parent"]
-    children = [r for r in runs if r.data.tags.get("finetune.sweep") == "child"]
-    return parents, children
 
 
 def assert_parent_and_children(client, experiment, jobs: int):
