@@ -87,9 +87,9 @@ def load_for_export(path: Path):
 
 # -- writers -----------------------------------------------------------------------------------------
 def write_keras(model, out_dir: Path) -> Path:
-    path = out_dir / "model.keras"
-    model.save(path)
-    return path
+    from finetune import files
+
+    return files.save_model(model, out_dir / "model.keras")
 
 
 def write_saved_model(model, path: Path) -> Path:

@@ -35,7 +35,15 @@ def feature_model(backbone, preprocess, input_shape, layer: str | None, flatten:
 
 
 def write_features(path: Path, fmt: str, features, labels, paths, splits) -> Path:
+    from finetune.files import atomic_path
+
     path = path.with_suffix(f".{fmt}")
+    with atomic_path(path) as tmp:
+        _write_features(tmp, fmt, features, labels, paths, splits)
+    return path
+
+
+def _write_features(path: Path, fmt: str, features, labels, paths, splits) -> None:
     if fmt == "npz":
         np.savez_compressed(path, features=features.astype(np.float32), labels=labels.astype(np.int32),
                             paths=np.asarray(paths, dtype=str), splits=np.asarray(splits, dtype=str))
@@ -50,7 +58,6 @@ def write_features(path: Path, fmt: str, features, labels, paths, splits) -> Pat
             "features": pa.FixedSizeListArray.from_arrays(pa.array(features.astype(np.float32).ravel()), dim),
         })
         pq.write_table(table, path)
-    return path
 
 
 def read_features(path) -> dict:

@@ -11,7 +11,7 @@ import mlflow
 import numpy as np
 from omegaconf import OmegaConf
 
-from finetune import batchnorm, reports, tracking
+from finetune import batchnorm, files, reports, tracking
 from finetune.compute import ComputeChoice, choose, device_class
 from finetune.config import choice
 from finetune.data import make_pipeline
@@ -308,11 +308,11 @@ class TrainRun:
             mlflow.log_artifact(str(self.out / name))
         model_dir = self.out / "model"  # self-contained: what predict/evaluate/export load
         model_dir.mkdir(exist_ok=True)
-        self.model.save(model_dir / "model.keras")
+        files.save_model(self.model, model_dir / "model.keras")
         for name in ("label_map.json", "config.yaml"):
             (model_dir / name).write_bytes((self.out / name).read_bytes())
         # the trained backbone alone: reusable as backbone.weights=<file> (weight initialisation)
-        self.backbone().save_weights(self.out / "backbone.weights.h5")
+        files.save_weights(self.backbone(), self.out / "backbone.weights.h5")
         if self.cfg.tracking.log_model:
             mlflow.log_artifacts(str(model_dir), "model")
             mlflow.log_artifact(str(self.out / "backbone.weights.h5"), "backbone")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune import files
 from finetune.backbones import get_spec
 from finetune.config import choice
 from finetune.features import MANIFEST, feature_model, write_features
@@ -85,9 +86,9 @@ def extract(cfg, spec, dataset, images, out: Path) -> dict:
     if weights not in (None, "imagenet"):
         manifest["weights_sha256"] = hashlib.sha256(Path(weights).expanduser().read_bytes()).hexdigest()
     if weights != "imagenet":  # random or local weights: keep the exact backbone beside its features
-        backbone.save_weights(out / "backbone.weights.h5")
+        files.save_weights(backbone, out / "backbone.weights.h5")
         manifest["backbone_weights_file"] = "backbone.weights.h5"
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    files.write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
