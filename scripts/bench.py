@@ -65,6 +65,19 @@ What each number is (medians over --repeats repetitions; the JSON also holds eve
      memory (psutil, sampled every 20 ms) over its value when the side started, max over repetitions.
      In-process, so memory TensorFlow kept from earlier cases is reused and not counted again: a lower
      bound on each side's own peak, comparable between the two sides of one case.
+  6. input pipeline and epoch boundaries (a frozen backbone trained on images, as finetune does whenever
+     augmentation is on or part of the backbone trains; MobileNetV2 224 px, 10 steps an epoch, no
+     validation): plain = image_dataset_from_directory(.cache().prefetch()) + model.fit(epochs=E), a new
+     iterator every epoch, as the guide writes it; finetune = its own train pipeline
+     (finetune.data.make_pipeline via TrainRun.pipelines: parallel decode/resize, memory cache, prefetch,
+     .repeat()) + fit(steps_per_epoch) as `finetune train` runs it, on finetune's assembled model. Step s =
+     median time between consecutive batch ends inside an epoch; epoch s = mean time from one epoch's end
+     to the next (a mean: stalls hit some epochs, not all); both leave the first epoch (tracing, cache
+     fill) out. Efficiency = steps x step s / epoch s (1.0: an epoch costs exactly its steps; target
+     >= 0.95 for finetune). Pipeline alone: images/s
+     of iterating each side's training pipeline with no model, after one untimed epoch (cache filled);
+     finetune's also with data.cache=off (decoding every epoch). Ratio = pipeline images/s / the model's
+     step images/s; target >= 3.
 """
 from __future__ import annotations
 
@@ -88,13 +101,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-ALL_ROWS = (1, 2, 3, 4, 5)
+ALL_ROWS = (1, 2, 3, 4, 5, 6)
 ROW_TITLES = {
     1: "Frozen backbone: wall time, plain / finetune",
     2: "Head sweep on one frozen backbone: total time, plain / finetune",
     3: "Fine-tuning: whole-epoch images/s, finetune / plain (numpy-fed)",
     4: "Feature extraction: images/s, finetune extract / Keras predict",
     5: "Peak resident memory increase per side",
+    6: "Input pipeline and epoch boundaries: whole-epoch time vs the per-step rate",
 }
 # keras.applications constructor and preprocessing module of each backbone the benchmark uses
 PLAIN_APPS = {"mobilenet_v2": ("MobileNetV2", "mobilenet_v2"), "resnet50": ("ResNet50", "resnet50"),
@@ -123,6 +137,9 @@ class Plan:
     matmul_n: int
     conv_shape: tuple  # (batch, height, width, channels)
     peak_calls: int
+    stall_backbone: tuple = ("mobilenet_v2", 224)  # (backbone, px): row 6
+    stall_per_class: int = 80  # 5 classes x 80 x 0.8 = 320 training images = 10 steps of 32
+    stall_epochs: int = 8
 
 
 FULL = Plan(classes=("circle", "square", "triangle", "star", "cross"), per_class=60, val_fraction=0.2,
@@ -138,7 +155,8 @@ SMOKE = Plan(classes=("circle", "square", "triangle"), per_class=8, val_fraction
              sweep_backbone=SMOKE_BACKBONE, sweep_trials=(("linear", 1e-3), ("mlp", 1e-3)),
              sweep_epochs=1, tune_backbone=SMOKE_BACKBONE, tune_freezes=(("last_n", 2),),
              epoch_lengths=(("short", 8),), tune_epochs=2, tune_lr=1e-4,
-             matmul_n=512, conv_shape=(4, 28, 28, 64), peak_calls=3)
+             matmul_n=512, conv_shape=(4, 28, 28, 64), peak_calls=3,
+             stall_backbone=SMOKE_BACKBONE, stall_per_class=8, stall_epochs=3)
 
 
 @dataclass
@@ -788,7 +806,7 @@ def row_extraction(bench: Bench) -> list[dict]:
 
 def row_memory(rows: dict) -> list[dict]:
     entries = []
-    for number in sorted(r for r in rows if r != 5):
+    for number in sorted(r for r in rows if r not in (5, 6)):
         for source in rows[number]:
             plain, finetune = source["plain_peak_rss_mb"], source["finetune_peak_rss_mb"]
             entries.append({"case": f"row {number}: {source['case']}", "plain_s": source["plain_s"],
@@ -796,6 +814,128 @@ def row_memory(rows: dict) -> list[dict]:
                             "finetune_peak_rss_mb": finetune, "ratio": finetune / plain if plain >= 1 else None,
                             "ratio_kind": "finetune/plain", "target": None, "target_met": None})
     return entries
+
+
+# ------------------------------------------------------------------------------ row 6: epoch stall
+def step_clock():
+    """A Keras callback that records perf_counter() at every batch end (per epoch) and epoch end."""
+    import keras
+
+    class StepClock(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.batches, self.ends = [], []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.batches.append([])
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.batches[-1].append(time.perf_counter())
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.ends.append(time.perf_counter())
+
+    return StepClock()
+
+
+def stall_numbers(clock, steps: int, batch_size: int) -> dict:
+    """Step s, epoch s and their efficiency from a StepClock, the first epoch left out."""
+    gaps = [b - a for epoch in clock.batches[1:] for a, b in zip(epoch, epoch[1:])]
+    step_s = median(gaps) if gaps else None
+    epochs = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    epoch_s = sum(epochs) / len(epochs) if epochs else None  # the mean: a stall in some epochs counts
+    return {"seconds": epoch_s, "step_s": step_s, "steps": steps,
+            "epoch_s_all": [round(b - a, 3) for a, b in zip(clock.ends, clock.ends[1:])],
+            "efficiency": steps * step_s / epoch_s if step_s and epoch_s else None,
+            "step_images_per_s": batch_size / step_s if step_s else None}
+
+
+def pipeline_images_per_s(ds, batches: int) -> float:
+    """Images/s of iterating `ds` (batches of (images, labels)) with no model, after one untimed pass
+    over `batches` batches (fills a cache, starts the prefetch threads)."""
+    iterator = iter(ds)
+    for _ in range(batches):
+        next(iterator)
+    images, start = 0, time.perf_counter()
+    for _ in range(batches * 2):
+        images += int(next(iterator)[0].shape[0])
+    return images / (time.perf_counter() - start)
+
+
+def plain_stall(folders: Folders, name: str, px: int, num_classes: int, plan: Plan) -> dict:
+    import keras
+    import tensorflow as tf
+
+    ds = keras.utils.image_dataset_from_directory(folders.train, image_size=(px, px), batch_size=plan.batch_size,
+                                                  shuffle=True, seed=0, verbose=False)
+    ds = ds.cache().prefetch(tf.data.AUTOTUNE)
+    model = plain_classifier(name, px, num_classes, "linear", 0)
+    plain_compile(model, plan.frozen_lr)
+    clock = step_clock()
+    model.fit(ds, epochs=plan.stall_epochs, callbacks=[clock], verbose=0)
+    steps = len(clock.batches[-1])
+    result = stall_numbers(clock, steps, plan.batch_size)
+    result["pipeline_images_per_s"] = pipeline_images_per_s(ds.repeat(), steps)
+    return result
+
+
+def finetune_stall(bench: "Bench", folders: Folders, name: str, px: int, num_classes: int) -> dict:
+    from finetune.commands.train import prepare
+    from finetune.freeze import apply_freeze
+    from finetune.model import assemble, build_parts
+    from finetune.runner import TrainRun
+    from finetune.training import compile_model, fit_stage
+
+    plan = bench.plan
+    overrides = [*bench.train_overrides(folders, name, px), "freeze=all", "head=linear",
+                 f"optimizer.lr={plan.frozen_lr}"]
+    cfg = compose("train", overrides)
+    spec, dataset = prepare(cfg)
+    run = TrainRun(cfg, spec, dataset, bench.fresh_path("stall"))
+    run.parts = build_parts(cfg.backbone, cfg.head, spec, num_classes)
+    run.pipelines()
+    apply_freeze(run.parts.backbone, run.parts.blocks, "all", 0, "frozen")
+    model = assemble(run.parts, backbone_training=False)
+    compile_model(model, cfg.optimizer, plan.frozen_lr, num_classes)
+    clock = step_clock()
+    fit_stage(model, run.train_ds, None, first_epoch=0, epochs=plan.stall_epochs, callbacks=[clock],
+              steps_per_epoch=run.steps_per_epoch, verbose=0)
+    result = stall_numbers(clock, run.steps_per_epoch, plan.batch_size)
+    result["pipeline_images_per_s"] = pipeline_images_per_s(run.train_ds, run.steps_per_epoch)
+    uncached = TrainRun(compose("train", [*overrides, "data.cache=off"]), spec, dataset, bench.fresh_path("stall"))
+    uncached.parts = run.parts
+    uncached.pipelines()
+    result["pipeline_uncached_images_per_s"] = pipeline_images_per_s(uncached.train_ds, run.steps_per_epoch)
+    return result
+
+
+def row_pipeline(bench: "Bench") -> list[dict]:
+    plan = bench.plan
+    name, px = plan.stall_backbone
+    folders = bench.data(px, plan.stall_per_class)
+    num_classes = len(plan.classes)
+    samples = bench.both_sides(f"row 6 {name} {px}px epoch boundaries",
+                               plain=lambda rep: plain_stall(folders, name, px, num_classes, plan),
+                               finetune=lambda rep: finetune_stall(bench, folders, name, px, num_classes))
+    entry = {"case": f"{name} {px}px frozen, {folders.num_train} images, batch {plan.batch_size}",
+             "backbone": name, "px": px, "train_images": folders.num_train, "epochs": plan.stall_epochs,
+             **side_summary(samples)}
+    for side in ("plain", "finetune"):
+        results = samples[side]
+        for key in ("step_s", "efficiency", "step_images_per_s", "pipeline_images_per_s",
+                    "pipeline_uncached_images_per_s"):
+            values = [r[key] for r in results if r.get(key) is not None]
+            entry[f"{side}_{key}"] = median(values) if values else None
+        entry[f"{side}_epoch_s_all"] = [r["epoch_s_all"] for r in results]
+        entry[f"{side}_pipeline_ratio"] = ratio(entry[f"{side}_pipeline_images_per_s"],
+                                                entry[f"{side}_step_images_per_s"])
+    entry["finetune_pipeline_uncached_ratio"] = ratio(entry["finetune_pipeline_uncached_images_per_s"],
+                                                      entry["finetune_step_images_per_s"])
+    entry["ratio"] = entry["finetune_efficiency"]
+    entry["ratio_kind"] = "finetune efficiency (steps x step s / epoch s)"
+    entry["target"] = "efficiency >= 0.95 and pipeline >= 3x the step rate"
+    met = [target_check(entry["finetune_efficiency"], 0.95), target_check(entry["finetune_pipeline_ratio"], 3)]
+    entry["target_met"] = None if None in met else all(met)
+    return [entry]
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -842,6 +982,16 @@ def row_table(number: int, entries: list[dict]) -> list[str]:
                        f"{fmt(e['plain_gflops'], 1)} ({percent(e['plain_share_of_peak'])})",
                        f"{fmt(e['finetune_gflops'], 1)} ({percent(e['finetune_share_of_peak'])})",
                        e["target"], met(e)] for e in entries])
+    if number == 6:
+        return table(["side", "step s", "epoch s", "efficiency", "epoch s, each repetition",
+                      "pipeline img/s (x step rate)", "pipeline, no cache, img/s (x step rate)"],
+                     [[f"{side}: {e['case']}", fmt(e[f"{side}_step_s"], 3), fmt(e[f"{side}_s"], 3),
+                       fmt(e[f"{side}_efficiency"]), "; ".join(", ".join(f"{x:.2f}" for x in rep)
+                                                           for rep in e[f"{side}_epoch_s_all"]),
+                       f"{fmt(e[f'{side}_pipeline_images_per_s'], 0)} ({fmt(e[f'{side}_pipeline_ratio'], 1)}x)",
+                       (f"{fmt(e['finetune_pipeline_uncached_images_per_s'], 0)} "
+                        f"({fmt(e['finetune_pipeline_uncached_ratio'], 1)}x)") if side == "finetune" else "-"]
+                      for e in entries for side in ("plain", "finetune")])
     if number == 4:
         return table(["case", "plain s", "finetune s", "plain img/s", "finetune img/s", "finetune/plain", "target",
                       "met"],
@@ -875,7 +1025,7 @@ def markdown(report: dict) -> str:
              f"{plan['val_fraction']}, frozen learning rate {plan['frozen_lr']:g}, fine-tuning learning rate "
              f"{plan['tune_lr']:g}.", ""]
     for number in report["rows_run"]:
-        entries = report["rows"][str(number)]
+        entries = report["rows"].get(str(number), [])
         lines += [f"## {number}. {ROW_TITLES[number]}", "", *row_table(number, entries), ""]
     missed = [f"row {n}: {e['case']}" for n, es in report["rows"].items() for e in es if e["target_met"] is False]
     lines += ["## Targets", "", f"Missed: {'; '.join(missed)}." if missed else "Every target checked was met.", ""]
@@ -922,6 +1072,8 @@ def run_rows(bench: Bench, rows: list[int], peak: dict) -> dict:
         results[3] = row_fine_tuning(bench, peak["peak_gflops"])
     if 4 in rows:
         results[4] = row_extraction(bench)
+    if 6 in rows:
+        results[6] = row_pipeline(bench)
     if 5 in rows:
         results[5] = row_memory(results)
     return results

@@ -30,7 +30,7 @@ def smoke_report(tmp_path_factory):
 
 def test_every_row_has_both_sides_timed_and_a_ratio(smoke_report):
     report = smoke_report["json"]
-    assert report["smoke"] is True and sorted(report["rows"]) == ["1", "2", "3", "4", "5"]
+    assert report["smoke"] is True and sorted(report["rows"]) == ["1", "2", "3", "4", "5", "6"]
     for row in TIMED_ROWS:
         entries = report["rows"][row]
         assert entries, f"row {row} is empty"
@@ -47,6 +47,11 @@ def test_every_row_has_both_sides_timed_and_a_ratio(smoke_report):
     assert len(memory) == sum(len(report["rows"][row]) for row in TIMED_ROWS)
     assert all(e["plain_peak_rss_mb"] >= 0 and e["finetune_peak_rss_mb"] >= 0 for e in memory)
     assert report["fp32_peak"]["peak_gflops"] > 0
+    stall = report["rows"]["6"][0]
+    for side in ("plain", "finetune"):
+        assert stall[f"{side}_step_s"] > 0 and stall[f"{side}_efficiency"] > 0, stall
+        assert stall[f"{side}_pipeline_images_per_s"] > 0, stall
+    assert stall["finetune_pipeline_uncached_images_per_s"] > 0, stall
 
 
 def test_markdown_names_the_machine_and_has_every_table(smoke_report):
