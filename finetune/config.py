@@ -52,6 +52,11 @@ class Augment(str, Enum):
     flip = "flip"
 
 
+class OnBadFile(str, Enum):
+    skip = "skip"
+    fail = "fail"
+
+
 class Precision(str, Enum):
     auto = "auto"
     fp32 = "fp32"
@@ -133,6 +138,9 @@ class FolderDataConfig(DataCommon):
     test_path: Optional[str] = None
     val_split: float = 0.2
     test_split: float = 0.0
+    # files that cannot be decoded as images (found by a pre-flight scan before training):
+    # skip = leave them out (count printed, list logged as skipped_files.json); fail = stop, naming them
+    on_bad_file: OnBadFile = OnBadFile.skip
 
 
 @dataclass

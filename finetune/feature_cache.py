@@ -58,6 +58,8 @@ def split_fingerprint(dataset, split: str) -> dict:
             stat = os.stat(path)
             files.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         out["files"] = files.hexdigest()
+        if part.pillow is not None and any(part.pillow):  # which files Pillow decodes (EXIF rotation, ...)
+            out["pillow"] = hashlib.sha256(np.packbits(np.asarray(part.pillow, bool)).tobytes()).hexdigest()
     elif part.images is not None:
         images = np.ascontiguousarray(part.images)
         out["images"] = hashlib.sha256(images.tobytes()).hexdigest() + f":{images.shape}:{images.dtype}"

@@ -98,6 +98,10 @@ class TrainRun:
         overrides = self.out / ".hydra" / "overrides.yaml"
         if overrides.exists():
             mlflow.log_artifact(str(overrides))
+        if getattr(self.dataset, "skipped", None):  # files the pre-flight scan left out (data.on_bad_file)
+            (self.out / "skipped_files.json").write_text(json.dumps(self.dataset.skipped, indent=1))
+            mlflow.log_artifact(str(self.out / "skipped_files.json"))
+            tracking.log_params({"skipped_files": len(self.dataset.skipped)})
 
     def input_shape(self) -> tuple:
         return self.parts.input_shape

@@ -54,22 +54,35 @@ def resize_uint8(image: tf.Tensor, hw: tuple[int, int]) -> tf.Tensor:
     return image
 
 
-def _pil_rgb(path) -> np.ndarray:
-    from PIL import Image
-
+def _name(path) -> str:
     name = path.item() if isinstance(path, np.ndarray) else path  # numpy_function passes a 0-d array
-    with Image.open(name.decode() if isinstance(name, bytes) else str(name)) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
-def decode_file(path: tf.Tensor, hw: tuple[int, int]) -> tf.Tensor:
-    """Image file (jpeg/png/bmp/gif: first frame; gray/RGBA/palette) -> uint8 [h, w, 3].
+def _pil_rgb(path) -> np.ndarray:
+    from finetune.data.scan import read_rgb
 
-    BMP goes through Pillow: TensorFlow's BMP decoder rejects 1-bit files and returns the palette
-    indices, not the colours, of 8-bit palette files."""
-    is_bmp = tf.strings.regex_full_match(tf.strings.lower(path), r".*\.bmp")
+    return read_rgb(_name(path))
+
+
+def _needs_pillow(path) -> np.bool_:
+    from finetune.data.scan import needs_pillow
+
+    return np.bool_(needs_pillow(_name(path)))
+
+
+def decode_file(path: tf.Tensor, hw: tuple[int, int], pillow=None) -> tf.Tensor:
+    """Image file (jpeg/png/bmp/gif: first frame; gray/RGBA/palette/CMYK/16-bit) -> uint8 [h, w, 3].
+
+    `pillow` (bool tensor): decode with Pillow instead of TensorFlow, for the files TF gets wrong: an
+    EXIF orientation (TF ignores it), BMP (TF rejects 1-bit files and returns the palette indices, not
+    the colours, of 8-bit palette files), formats TF lacks. None: decided here from the file's header
+    (finetune.data.scan.needs_pillow); datasets pass what the pre-flight scan found."""
+    if pillow is None:
+        pillow = tf.numpy_function(_needs_pillow, [path], tf.bool, stateful=False)
+        pillow.set_shape(())
     image = tf.cond(
-        is_bmp,
+        tf.cast(pillow, tf.bool),
         lambda: tf.numpy_function(_pil_rgb, [path], tf.uint8, stateful=False),
         lambda: tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False, dtype=tf.uint8))
     image.set_shape((None, None, 3))
@@ -147,11 +160,17 @@ def make_pipeline(dataset: Dataset, split: str, image_size, batch_size: int, *, 
         if size == 0:
             raise DataError(f"{dataset.name}: the {key} split is empty; adjust data.val_split/data.test_split")
         labels = np.asarray(part.labels, np.int32)
-        ds = tf.data.Dataset.from_tensor_slices((np.asarray(part.paths, dtype=object).astype(str), labels))
+        paths = np.asarray(part.paths, dtype=object).astype(str)
+        bmp = np.char.endswith(np.char.lower(paths), ".bmp")
+        pillow = bmp | np.asarray(part.pillow, bool) if part.pillow is not None else bmp
+        ds = tf.data.Dataset.from_tensor_slices((paths, labels, pillow))
         if training and not in_memory:
             # Not cached: shuffle the (cheap) file names over the whole split before decoding.
             ds = ds.shuffle(size, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.map(lambda p, y: (decode_file(p, hw), y), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda p, y, pil: (decode_file(p, hw, pil), y), num_parallel_calls=AUTOTUNE)
+        # A file that passed the pre-flight scan but fails to decode now (changed since, or a defect only
+        # TensorFlow's decoder sees) is dropped alone, with a warning, instead of failing its whole batch.
+        ds = ds.ignore_errors(log_warning=True)
     elif part.images is not None:
         if size == 0:
             raise DataError(f"{dataset.name}: the {key} split is empty; adjust data.val_split/data.test_split")

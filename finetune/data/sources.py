@@ -23,6 +23,7 @@ SOURCES = ("shapes", "digits", "folder", "tfds")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _EXT_TEXT = " ".join(IMAGE_EXTENSIONS)
 CACHE_MODES = ("auto", "memory", "off")
+BAD_FILE_MODES = ("skip", "fail")
 AUGMENT_MODES = ("none", "flip")
 # Hosts that tfds downloads from (GCS mirror first, then the original hosts of popular sets).
 TFDS_HOSTS = (("storage.googleapis.com", 443), ("download.tensorflow.org", 443))
@@ -36,6 +37,8 @@ class Split:
     tfds_split: str | None = None
     labels: "np.ndarray | list[int] | None" = None
     size: int = 0
+    # per file (with `paths`): decode with Pillow instead of TensorFlow (EXIF rotation, BMP, ...); see scan.py
+    pillow: "list[bool] | None" = None
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Dataset:
     source_cfg: object
     # Resolved source details the pipeline needs (tfds: dataset, data_dir, image_key, label_key).
     extra: dict = field(default_factory=dict)
+    # files left out by the pre-flight scan (data.on_bad_file=skip): [{"path", "problem", "detail"}]
+    skipped: list = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -265,16 +270,71 @@ def _flatten(classes: dict[str, list[str]], class_names: list[str]):
     return paths, np.asarray(labels, np.int32)
 
 
+def _check_files(classes: dict[str, list[str]], extras: dict[str, Split | None], on_bad_file: str):
+    """Pre-flight check of every file (scan.py): drops the bad ones (on_bad_file=skip) or raises.
+
+    Returns (classes, extras, checks of the usable files by path, bad FileChecks)."""
+    import time
+
+    from finetune.data import scan
+
+    everything = [p for files in classes.values() for p in files]
+    for split in extras.values():
+        everything += split.paths if split is not None else []
+    start = time.perf_counter()
+    checks = {c.path: c for c in scan.scan_files(everything)}
+    seconds = time.perf_counter() - start
+    bad = [checks[p] for p in everything if not checks[p].ok]
+    if bad and on_bad_file == "fail":
+        shown = "; ".join(f"'{c.path}' ({c.describe()})" for c in bad[:3])
+        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise DataError(f"data.on_bad_file=fail: {len(bad)} of {len(everything)} files cannot be used as images "
+                        f"({scan.summary(bad)}): {shown}{more}; fix or remove them, or set data.on_bad_file=skip")
+    if bad:
+        print(f"data: skipped {len(bad)} of {len(everything)} files that cannot be used as images "
+              f"({scan.summary(bad)}), e.g. '{bad[0].path}' ({bad[0].describe()}); the list is logged as "
+              "skipped_files.json (data.on_bad_file=fail stops instead)")
+    if seconds > 2.0:
+        print(f"data: checked {len(everything)} files in {seconds:.1f} s")
+    if not bad:
+        return classes, extras, checks, bad
+    classes = {c: [p for p in files if checks[p].ok] for c, files in classes.items()}
+    empty = [c for c, files in classes.items() if not files]
+    if empty:
+        raise DataError(f"data.path: class folders without a usable image after skipping {len(bad)} bad files: "
+                        f"{', '.join(map(repr, empty))} (e.g. '{bad[0].path}': {bad[0].describe()}); "
+                        "add images to them or remove them")
+    kept = {}
+    for key, split in extras.items():
+        if split is not None:
+            keep = [i for i, p in enumerate(split.paths) if checks[p].ok]
+            if not keep:
+                raise DataError(f"data.{key}: no usable image left after skipping {len(split.paths)} bad files "
+                                f"(e.g. '{split.paths[0]}': {checks[split.paths[0]].describe()})")
+            split = Split(paths=[split.paths[i] for i in keep],
+                          labels=np.asarray(split.labels, np.int32)[keep], size=len(keep))
+        kept[key] = split
+    return classes, kept, checks, bad
+
+
 def load_folder(cfg) -> Dataset:
     _check_common(cfg)
+    on_bad_file = _choice(cfg, "on_bad_file", "skip", BAD_FILE_MODES)
     path = cfg_get(cfg, "path", None)
     classes = scan_folder(path)
     class_names = sorted(classes)
-    val = _extra_split(cfg, "val_path", class_names)
-    test = _extra_split(cfg, "test_path", class_names)
+    extras = {"val_path": _extra_split(cfg, "val_path", class_names),
+              "test_path": _extra_split(cfg, "test_path", class_names)}
+    classes, extras, checks, bad = _check_files(classes, extras, on_bad_file)
     paths, labels = _flatten(classes, class_names)
     abspath = str(Path(os.path.expandvars(str(path))).expanduser().resolve())
-    return _split_files(f"folder:{abspath}", class_names, paths, labels, cfg, 0.0, val_split=val, test_split=test)
+    dataset = _split_files(f"folder:{abspath}", class_names, paths, labels, cfg, 0.0,
+                           val_split=extras["val_path"], test_split=extras["test_path"])
+    for part in (dataset.train, dataset.val, dataset.test):
+        if part is not None:
+            part.pillow = [checks[p].pillow for p in part.paths]
+    dataset.skipped = [c.as_dict() for c in bad]
+    return dataset
 
 
 # ---------------------------------------------------------------------------------------------
