@@ -86,21 +86,21 @@ class TrainRun:
             "params_total": self.parts_param_count(),
             "compute.precision": self.compute.precision, "compute.jit_compile": self.compute.jit_compile,
         })
-        mlflow.set_tag("compute.reason", self.compute.reason)
+        tracking.set_tag("compute.reason", self.compute.reason)
         print(f"   compute: {self.compute.precision}, jit_compile={self.compute.jit_compile} ({self.compute.reason})")
         (self.out / "label_map.json").write_text(json.dumps({
             "class_names": self.classes, "backbone": self.spec.name,
             "input_shape": list(self.input_shape()), "preprocess": self.spec.preprocess,
             "preprocessing_in_model": True, "input_range": [0, 255],
         }, indent=1))
-        mlflow.log_artifact(str(self.out / "config.yaml"))
-        mlflow.log_artifact(str(self.out / "label_map.json"))
+        tracking.log_artifact(str(self.out / "config.yaml"))
+        tracking.log_artifact(str(self.out / "label_map.json"))
         overrides = self.out / ".hydra" / "overrides.yaml"
         if overrides.exists():
-            mlflow.log_artifact(str(overrides))
+            tracking.log_artifact(str(overrides))
         if getattr(self.dataset, "skipped", None):  # files the pre-flight scan left out (data.on_bad_file)
             (self.out / "skipped_files.json").write_text(json.dumps(self.dataset.skipped, indent=1))
-            mlflow.log_artifact(str(self.out / "skipped_files.json"))
+            tracking.log_artifact(str(self.out / "skipped_files.json"))
             tracking.log_params({"skipped_files": len(self.dataset.skipped)})
 
     def input_shape(self) -> tuple:
@@ -221,9 +221,9 @@ class TrainRun:
                 status[split] = "hit"
             sets[split] = (found["features"], found["labels"])
             tracking.log_params({f"feature_cache.{split}.key": key})
-            mlflow.set_tag(f"feature_cache.{split}", status[split])
-        mlflow.set_tag("feature_cache", ",".join(sorted(set(status.values()))))
-        mlflow.set_tag("feature_cache_dir", str(cache.root))
+            tracking.set_tag(f"feature_cache.{split}", status[split])
+        tracking.set_tag("feature_cache", ",".join(sorted(set(status.values()))))
+        tracking.set_tag("feature_cache_dir", str(cache.root))
         return sets
 
     def feature_extractor(self):
@@ -251,8 +251,8 @@ class TrainRun:
         stem = f"freeze_plan_{index + 1}_{stage.name}"
         (self.out / f"{stem}.txt").write_text(text + "\n")
         (self.out / f"{stem}.json").write_text(plan_json(plan))
-        mlflow.log_artifact(str(self.out / f"{stem}.txt"), "freeze_plan")
-        mlflow.log_artifact(str(self.out / f"{stem}.json"), "freeze_plan")
+        tracking.log_artifact(str(self.out / f"{stem}.txt"), "freeze_plan")
+        tracking.log_artifact(str(self.out / f"{stem}.json"), "freeze_plan")
         trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
         total = int(model.count_params())
         tracking.log_params({f"stage{index + 1}.name": stage.name, f"stage{index + 1}.epochs": stage.epochs,
@@ -260,7 +260,7 @@ class TrainRun:
                              f"stage{index + 1}.lr": stage.lr,
                              f"stage{index + 1}.params_trainable": trainable,
                              f"stage{index + 1}.params_frozen": total - trainable})
-        mlflow.set_tag(f"stage{index + 1}", stage.name)
+        tracking.set_tag(f"stage{index + 1}", stage.name)
 
     def recalibrate(self, model, bn_layers, step: int) -> None:
         used = batchnorm.recalibrate(model, self.train_plain_ds, bn_layers,
@@ -268,7 +268,7 @@ class TrainRun:
         result = model.evaluate(self.val_ds, verbose=0, return_dict=True)
         print(f"   BatchNorm statistics of {len(bn_layers)} layer(s) re-estimated over {used} "
               f"training batch(es): val_loss={result['loss']:.4f} val_accuracy={result['accuracy']:.4f}")
-        mlflow.log_metrics({f"val_{k}_recalibrated": float(v) for k, v in result.items()}, step=step)
+        tracking.log_metrics({f"val_{k}_recalibrated": float(v) for k, v in result.items()}, step=step)
 
     # -- the end -----------------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -294,7 +294,7 @@ class TrainRun:
         np.savetxt(self.out / "confusion_matrix.csv", matrix, fmt="%d", delimiter=",",
                    header=",".join(self.classes), comments="")
         final = {f"final_{k}" if k.startswith("val_") else k: v for k, v in metrics.items()}
-        mlflow.log_metrics(final)
+        tracking.log_metrics(final)
         (self.out / "metrics.json").write_text(json.dumps(final, indent=1))
         return final
 
@@ -309,7 +309,7 @@ class TrainRun:
     def save_artifacts(self) -> None:
         reports.plot_training_curves(self.history, self.stage_starts, self.out / "training_curves.png")
         for name in ("confusion_matrix.png", "confusion_matrix.csv", "training_curves.png", "metrics.json"):
-            mlflow.log_artifact(str(self.out / name))
+            tracking.log_artifact(str(self.out / name))
         model_dir = self.out / "model"  # self-contained: what predict/evaluate/export load
         model_dir.mkdir(exist_ok=True)
         files.save_model(self.model, model_dir / "model.keras")
@@ -318,11 +318,12 @@ class TrainRun:
         # the trained backbone alone: reusable as backbone.weights=<file> (weight initialisation)
         files.save_weights(self.backbone(), self.out / "backbone.weights.h5")
         if self.cfg.tracking.log_model:
-            mlflow.log_artifacts(str(model_dir), "model")
-            mlflow.log_artifact(str(self.out / "backbone.weights.h5"), "backbone")
+            tracking.log_artifact(str(model_dir), "model")
+            tracking.log_artifact(str(self.out / "backbone.weights.h5"), "backbone")
             if self.cfg.tracking.register_model:
                 version = tracking.register_model(self.cfg.tracking.register_model, "model")
-                print(f"   registered as models:/{self.cfg.tracking.register_model}/{version}")
+                print(f"   registered as models:/{self.cfg.tracking.register_model}/{version}" if version
+                      else "   model registration kept for later (tracking server unreachable)")
 
 
     def backbone(self):

@@ -72,10 +72,59 @@ def _param_value(value) -> str:
     return text if len(text) <= MAX_PARAM_VALUE else text[:MAX_PARAM_VALUE - 3] + "..."
 
 
+# What a run logs goes through these: on a remote tracking server, through the run's
+# finetune.tracking_buffer session (bounded calls; journaled and replayed while the server is away);
+# otherwise (local stores, no session) straight to MLflow as always.
+def _session():
+    from finetune import tracking_buffer
+
+    return tracking_buffer.current()
+
+
+def start_session(run_id: str, output_dir):
+    """Route the active run's logging through finetune.tracking_buffer (journal in output_dir)."""
+    from finetune import tracking_buffer
+
+    return tracking_buffer.start(run_id, mlflow.get_tracking_uri(), output_dir)
+
+
+def end_run(status: str = "FINISHED") -> str | None:
+    """End the active run: replay what an outage held back first; returns the outage summary, if any."""
+    from finetune import tracking_buffer
+
+    return tracking_buffer.end_run(status)
+
+
 def log_params(params: dict) -> None:
     items = [(k[:MAX_PARAM_KEY], _param_value(v)) for k, v in params.items()]
+    session = _session()
     for start in range(0, len(items), PARAM_BATCH):
-        mlflow.log_params(dict(items[start:start + PARAM_BATCH]))
+        (session.log_params if session else mlflow.log_params)(dict(items[start:start + PARAM_BATCH]))
+
+
+def log_metrics(metrics: dict, step: int | None = None) -> None:
+    session = _session()
+    (session.log_metrics if session else mlflow.log_metrics)(metrics, step=step)
+
+
+def set_tag(key: str, value) -> None:
+    set_tags({key: value})
+
+
+def set_tags(tags: dict) -> None:
+    session = _session()
+    (session.set_tags if session else mlflow.set_tags)(tags)
+
+
+def log_artifact(local_path, artifact_path: str | None = None) -> None:
+    """A file or a folder (its contents go under artifact_path)."""
+    session = _session()
+    if session:
+        session.log_artifact(local_path, artifact_path)
+    elif Path(local_path).is_dir():
+        mlflow.log_artifacts(str(local_path), artifact_path)
+    else:
+        mlflow.log_artifact(str(local_path), artifact_path)
 
 
 def ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
@@ -86,7 +135,7 @@ def ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
             f" (all runs: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs)")
 
 
-def register_model(name: str, artifact_path: str) -> str:
+def register_model(name: str, artifact_path: str) -> str | None:
     """Register the active run's `artifact_path` folder as a new version of model `name`; returns it.
 
     MLflow 3's mlflow.register_model only accepts models logged through a flavor; the client API
@@ -94,6 +143,9 @@ def register_model(name: str, artifact_path: str) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    session = _session()
+    if session is not None and session.remote:  # journaled (None) while the server is unreachable
+        return session.register_model(name, mlflow.get_artifact_uri(artifact_path))
     client = MlflowClient()
     try:
         client.create_registered_model(name)

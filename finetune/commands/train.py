@@ -24,15 +24,18 @@ def run(cfg, output_dir: Path) -> dict:
                           tags={**tags, **dict(cfg.tracking.tags)}) as active:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         (Path(output_dir) / RUN_ID_FILE).write_text(active.info.run_id)  # for sweepers and scripts
-        mlflow.set_tag("process_id", str(os.getpid()))  # sweep jobs: which shared a process
+        tracking.start_session(active.info.run_id, output_dir)  # logging that survives a server outage
+        tracking.set_tag("process_id", str(os.getpid()))  # sweep jobs: which shared a process
         try:
             if prepared is None:
                 prepared = _prepare_logged(cfg)
             metrics = _train_in_run(cfg, *prepared, output_dir)
-            mlflow.log_metric("process_rss_mb", tracking.process_rss_mb())  # memory across sweep jobs
+            tracking.log_metrics({"process_rss_mb": tracking.process_rss_mb()})  # memory across sweep jobs
         except BaseException as error:  # the run ends FAILED; say why on the run itself
-            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            tracking.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            tracking.end_run("FAILED")
             raise
+        tracking.end_run("FINISHED")  # replays what an outage held back, ends the run, says what was lost
         run_id = active.info.run_id
     _print_summary(metrics, run_id, experiment_id, output_dir, tracking.tracking_uri(cfg.tracking))
     return metrics
