@@ -20,6 +20,11 @@ from tests.conftest import TINY, runs_of
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
 
+@pytest.fixture(autouse=True)
+def scan_cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "finetune_cache"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +172,23 @@ def test_pillow_conversion_to_rgb(tmp_path, name):
         assert np.abs(rgb[row, col].astype(int) - colour).max() <= 8, (name, row, col, rgb[row, col], colour)
 
 
+def test_scan_results_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    from finetune.data import scan
+
+    write_good(tmp_path / "x", 20, 0, (200, 0, 0))
+    paths = sorted(str(p) for p in (tmp_path / "x").iterdir())
+    cache = scan.cache_file(str(tmp_path))
+    assert all(c.ok for c in scan_files(paths, cache=cache))
+    checked = []
+    real = scan.check_file
+    monkeypatch.setattr(scan, "check_file", lambda p, full=True: checked.append(p) or real(p, full))
+    assert all(c.ok for c in scan_files(paths, cache=cache)) and checked == []
+    whole = Path(paths[0]).read_bytes()
+    Path(paths[0]).write_bytes(whole[:-200])  # changed: checked again, found truncated
+    again = scan_files(paths, cache=cache)
+    assert checked == [paths[0]] and again[0].problem == "truncated" and all(c.ok for c in again[1:])
+
+
 def folder_cfg(path, **extra):
     return {"source": "folder", "name": "folder", "path": str(path), "val_split": 0.25, **extra}
 
@@ -248,6 +270,33 @@ def test_pipeline_decodes_conversions_to_the_right_colours(tmp_path):
             pil_rgb = decode_file(tf.constant(check.path), shape, tf.constant(True)).numpy().astype(int)
             tolerance = 12 if check.path.endswith(".jpg") else 1  # JPEG: IDCT/upsampling differ slightly
             assert np.abs(tf_rgb - pil_rgb).max() <= tolerance, check.path
+
+
+def test_a_file_that_passes_the_scan_but_fails_in_tensorflow_is_dropped_alone(tmp_path, monkeypatch):
+    """Over the full-decode budget, a large PNG gets verify() only: one whose compressed pixels are
+    garbage (with valid CRCs) passes the scan, and training drops just that file."""
+    from finetune.data import make_pipeline, scan
+
+    root = tmp_path / "photos"
+    write_good(root / "x", 5, 0, (200, 0, 0))
+    write_good(root / "y", 5, 10, (0, 200, 0))
+    Image.fromarray(noise(5, size=200)).save(tmp_path / "big.png")
+    assert (tmp_path / "big.png").stat().st_size > scan.FULL_DECODE_BYTES
+    corrupt_png(tmp_path / "big.png", root / "y" / "big_garbled.png")
+    monkeypatch.setattr(scan, "FULL_DECODE_BUDGET", 0)
+    dataset = load_dataset(folder_cfg(root, val_split=0.2))
+    garbled = str(root / "y" / "big_garbled.png")
+    assert dataset.skipped == [] and garbled in dataset.train.paths + dataset.val.paths
+    seen = []
+    for split in ("train", "val"):
+        part = getattr(dataset, split)
+        labels = [y.numpy().tolist() for _, y in make_pipeline(dataset, split, 16, 4, training=split == "train",
+                                                                seed=0)]
+        expected = [int(y) for p, y in zip(part.paths, part.labels) if p != garbled]
+        assert sorted(sum(labels, [])) == sorted(expected)
+        assert [len(b) for b in labels[:-1]] == [4] * (len(labels) - 1)  # only the last batch is short
+        seen += sum(labels, [])
+    assert sorted(seen) == [0] * 5 + [1] * 5
 
 
 def test_a_decode_error_at_train_time_drops_that_file_not_its_batch(tmp_path):

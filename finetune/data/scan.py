@@ -3,13 +3,16 @@
 Pure python (Pillow, numpy; never tensorflow): `load_folder` checks every file before TF is imported,
 so a bad file is reported with its path (or skipped) instead of failing a batch hours into training.
 
-What each file gets (measured on 2 cores, one thread, see README "Bad files"):
+What each file gets (times per file, one thread, measured on the 2-core test machine):
   * every file: Pillow identifies it (magic bytes + header: ~0.05-0.1 ms);
   * JPEG: decoded at 1/8 scale (`draft`), which still reads every entropy-coded byte, so a truncated
-    or broken file is found (~0.2 ms for 32 px, ~0.6 ms for 500x375, ~4 ms for 2 MP, ~40 ms for 12 MP);
-  * other formats up to FULL_DECODE_BYTES: fully decoded (~0.1 ms for 32 px, ~14 ms for a 200 KB PNG);
-    larger ones: `verify()` (PNG: every chunk's CRC, which finds truncation and flipped bits, ~1 ms/MB).
-Files are checked by a thread pool (Pillow releases the GIL while decoding).
+    or broken file is found (~0.2 ms for 32 px, ~1 ms for 500x375, ~5 ms for 2 MP, ~40 ms for 12 MP);
+  * other formats: fully decoded when the file is small (FULL_DECODE_BYTES) or all of the dataset's
+    non-JPEG files together are (FULL_DECODE_BUDGET) (~0.2 ms for 32 px, ~15 ms for a 200 KB PNG);
+    otherwise `verify()` (PNG: every chunk's CRC, which finds truncation and flipped bits, ~1 ms/MB).
+Files are checked by a thread pool (Pillow releases the GIL while decoding), and the results are kept
+in a small JSON cache keyed by path, size and modification time, so the next run (or sweep job) over
+the same folder re-checks only new or changed files.
 
 A file is decoded by Pillow instead of tf.io.decode_image (`FileCheck.pillow`) when TensorFlow would
 decode it wrongly or not at all: an EXIF orientation other than "normal" (TF ignores EXIF), BMP (TF
@@ -28,7 +31,9 @@ import numpy as np
 
 # Formats tf.io.decode_image reads correctly (MPO: a camera JPEG with extra frames after the first).
 TF_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF"})
-FULL_DECODE_BYTES = 1 << 20
+FULL_DECODE_BYTES = 64 * 1024  # non-JPEG files up to this size are always decoded in full ...
+FULL_DECODE_BUDGET = 64 * 2**20  # ... and all of them when together they are at most this big (~5 s)
+SCAN_VERSION = 1  # bump when check_file's verdicts change: older cache files are ignored
 PROBLEMS = ("unreadable", "empty", "not_image", "truncated", "corrupt", "unsupported")
 _LABELS = {"not_image": "not an image"}
 _ORIENTATION = 0x0112
@@ -82,8 +87,9 @@ def _classify_error(error: BaseException) -> tuple[str, str]:
     return "corrupt", f"{type(error).__name__}: {text}"
 
 
-def check_file(path: str) -> FileCheck:
-    """Whether `path` can be decoded into an RGB image, and by whom (see the module docstring)."""
+def check_file(path: str, full: bool = True) -> FileCheck:
+    """Whether `path` can be decoded into an RGB image, and by whom (see the module docstring).
+    full=False: non-JPEG files over FULL_DECODE_BYTES get verify() instead of a full decode."""
     from PIL import Image
 
     path = str(path)
@@ -105,7 +111,7 @@ def check_file(path: str) -> FileCheck:
                 if fmt in ("JPEG", "MPO"):
                     image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
                     image.load()
-                elif size <= FULL_DECODE_BYTES or fmt not in TF_FORMATS:
+                elif full or size <= FULL_DECODE_BYTES or fmt not in TF_FORMATS:
                     image.load()
                 else:
                     image.verify()
@@ -121,14 +127,80 @@ def check_file(path: str) -> FileCheck:
     return FileCheck(path, pillow=pillow)
 
 
-def scan_files(paths, workers: int | None = None) -> list[FileCheck]:
-    """check_file for every path, in order, on a thread pool."""
+def _is_jpeg(path: str) -> bool:
+    return path.lower().endswith((".jpg", ".jpeg"))
+
+
+def scan_files(paths, workers: int | None = None, cache: "str | os.PathLike | None" = None) -> list[FileCheck]:
+    """check_file for every path, in order, on a thread pool.
+
+    `cache`: a JSON file of earlier verdicts ({path: [size, mtime_ns, full, problem, detail, pillow]});
+    a file whose size and modification time are unchanged is not checked again. Unreadable files are
+    never cached (permissions change without touching the file)."""
+    from functools import partial
+
     paths = [str(p) for p in paths]
-    if len(paths) < 16:
-        return [check_file(p) for p in paths]
-    workers = workers or min(16, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(check_file, paths, chunksize=64))
+    stats: dict[str, tuple[int, int] | None] = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+            stats[p] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            stats[p] = None
+    other_bytes = sum(stats[p][0] for p in paths if stats[p] and not _is_jpeg(p))
+    full = other_bytes <= FULL_DECODE_BUDGET
+    known = _read_cache(cache) if cache else {}
+    found: dict[str, FileCheck] = {}
+    for p in paths:
+        entry = known.get(p)
+        if stats[p] and entry and tuple(entry[:2]) == stats[p] and (entry[2] or not full):
+            found[p] = FileCheck(p, entry[3], entry[4], bool(entry[5]))
+    todo = [p for p in dict.fromkeys(paths) if p not in found]
+    check = partial(check_file, full=full)
+    if len(todo) < 16:
+        found.update((p, check(p)) for p in todo)
+    else:
+        with ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1)) as pool:
+            found.update(zip(todo, pool.map(check, todo, chunksize=64)))
+    if cache and todo:
+        entries = {p: [*stats[p], full, c.problem, c.detail, c.pillow] for p, c in found.items()
+                   if stats[p] and c.problem != "unreadable"}
+        _write_cache(cache, entries)
+    return [found[p] for p in paths]
+
+
+def cache_file(root: str) -> "os.PathLike":
+    """Where the verdicts for the dataset folder `root` are kept ($FINETUNE_CACHE_DIR/scan/...)."""
+    import hashlib
+    from pathlib import Path
+
+    base = os.environ.get("FINETUNE_CACHE_DIR")
+    base = Path(base).expanduser() if base else Path("~/.cache/finetune").expanduser()
+    return base / "scan" / (hashlib.sha256(os.path.abspath(root).encode()).hexdigest()[:24] + ".json")
+
+
+def _read_cache(path) -> dict:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data["files"] if data.get("version") == SCAN_VERSION and isinstance(data.get("files"), dict) else {}
+    except (OSError, ValueError, AttributeError, KeyError):  # none yet, or unusable: check everything
+        return {}
+
+
+def _write_cache(path, entries: dict) -> None:
+    import json
+    from pathlib import Path
+
+    from finetune.files import write_text
+
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_text(Path(path), json.dumps({"version": SCAN_VERSION, "files": entries}, separators=(",", ":")))
+    except OSError:  # a read-only cache folder only costs the next run a re-check
+        pass
 
 
 def needs_pillow(path: str) -> bool:

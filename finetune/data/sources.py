@@ -270,7 +270,7 @@ def _flatten(classes: dict[str, list[str]], class_names: list[str]):
     return paths, np.asarray(labels, np.int32)
 
 
-def _check_files(classes: dict[str, list[str]], extras: dict[str, Split | None], on_bad_file: str):
+def _check_files(root: str, classes: dict[str, list[str]], extras: dict[str, Split | None], on_bad_file: str):
     """Pre-flight check of every file (scan.py): drops the bad ones (on_bad_file=skip) or raises.
 
     Returns (classes, extras, checks of the usable files by path, bad FileChecks)."""
@@ -282,7 +282,7 @@ def _check_files(classes: dict[str, list[str]], extras: dict[str, Split | None],
     for split in extras.values():
         everything += split.paths if split is not None else []
     start = time.perf_counter()
-    checks = {c.path: c for c in scan.scan_files(everything)}
+    checks = {c.path: c for c in scan.scan_files(everything, cache=scan.cache_file(root))}
     seconds = time.perf_counter() - start
     bad = [checks[p] for p in everything if not checks[p].ok]
     if bad and on_bad_file == "fail":
@@ -325,9 +325,9 @@ def load_folder(cfg) -> Dataset:
     class_names = sorted(classes)
     extras = {"val_path": _extra_split(cfg, "val_path", class_names),
               "test_path": _extra_split(cfg, "test_path", class_names)}
-    classes, extras, checks, bad = _check_files(classes, extras, on_bad_file)
-    paths, labels = _flatten(classes, class_names)
     abspath = str(Path(os.path.expandvars(str(path))).expanduser().resolve())
+    classes, extras, checks, bad = _check_files(abspath, classes, extras, on_bad_file)
+    paths, labels = _flatten(classes, class_names)
     dataset = _split_files(f"folder:{abspath}", class_names, paths, labels, cfg, 0.0,
                            val_split=extras["val_path"], test_split=extras["test_path"])
     for part in (dataset.train, dataset.val, dataset.test):
