@@ -156,6 +156,7 @@ def make_pipeline(dataset: Dataset, split: str, image_size, batch_size: int, *, 
     if part.tfds_split is not None:
         ds = _tfds_elements(dataset, part, training, seed)
         ds = ds.map(lambda x, y: (resize_uint8(x, hw), tf.cast(y, tf.int32)), num_parallel_calls=AUTOTUNE)
+        ds = ds.ignore_errors(log_warning=True)  # an undecodable example is dropped alone, not its batch
     elif part.paths is not None:
         if size == 0:
             raise DataError(f"{dataset.name}: the {key} split is empty; adjust data.val_split/data.test_split")

@@ -292,7 +292,7 @@ def _check_files(root: str, classes: dict[str, list[str]], extras: dict[str, Spl
                         f"({scan.summary(bad)}): {shown}{more}; fix or remove them, or set data.on_bad_file=skip")
     if bad:
         print(f"data: skipped {len(bad)} of {len(everything)} files that cannot be used as images "
-              f"({scan.summary(bad)}), e.g. '{bad[0].path}' ({bad[0].describe()}); the list is logged as "
+              f"({scan.summary(bad)}), e.g. '{bad[0].path}' ({bad[0].describe()}); `train` lists them in "
               "skipped_files.json (data.on_bad_file=fail stops instead)")
     if seconds > 2.0:
         print(f"data: checked {len(everything)} files in {seconds:.1f} s")
