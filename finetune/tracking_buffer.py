@@ -326,7 +326,7 @@ class Session:
 
     def _opened(self, error: BaseException) -> None:
         """A failure: (re)open the breaker; warn loudly the first time of each outage."""
-        if self.open_until is None:
+        if self.open_until is None or not self.outages:  # (or journal left by an earlier process)
             self.outages += 1
             self.cooldown = self.first_cooldown
             self._say(f"WARNING: tracking server {self.uri} is unreachable ({_one_line(error)}). "
