@@ -253,8 +253,19 @@ def build_backbone(spec: BackboneSpec, *, weights, input_shape, include_top=Fals
                         input_shape=tuple(input_shape) if input_shape is not None else None,
                         include_top=include_top, pooling=pooling, classes=classes)
     if is_path:
-        model.load_weights(str(weights))
+        try:
+            model.load_weights(str(weights))
+        except Exception as error:  # noqa: BLE001 - kept with the model, to say how the two differ
+            raise WeightsLoadError(model, error) from error
     return model
+
+
+class WeightsLoadError(Exception):
+    """A local weights file Keras could not load into the freshly built `model`."""
+
+    def __init__(self, model, error: Exception):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.model, self.error = model, error
 
 
 # ---------------------------------------------------------------- block map

@@ -312,6 +312,9 @@ class PredictConfig:
     images: Any = MISSING
     tracking: TrackingConfig = MISSING
     predict: PredictOptions = field(default_factory=PredictOptions)
+    # Keras safe mode: a .keras file holding Python code (a Lambda layer) is refused; false loads it
+    # and runs that code: only for files from a source you trust
+    model_safe_mode: bool = True
 
 
 @dataclass
@@ -330,6 +333,9 @@ class EvaluateConfig:
     data: Any = MISSING
     tracking: TrackingConfig = MISSING
     evaluate: EvaluateOptions = field(default_factory=EvaluateOptions)
+    # Keras safe mode: a .keras file holding Python code (a Lambda layer) is refused; false loads it
+    # and runs that code: only for files from a source you trust
+    model_safe_mode: bool = True
 
 
 @dataclass
@@ -350,6 +356,9 @@ class ExportConfig:
     data: Any = None
     tracking: TrackingConfig = MISSING
     export: ExportOptions = field(default_factory=ExportOptions)
+    # Keras safe mode: a .keras file holding Python code (a Lambda layer) is refused; false loads it
+    # and runs that code: only for files from a source you trust
+    model_safe_mode: bool = True
 
 
 @dataclass

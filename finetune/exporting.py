@@ -75,14 +75,12 @@ def label(fmt: str, quantize: str) -> str:
     return fmt if fmt != "tflite" or quantize == "none" else f"tflite_{quantize}"
 
 
-def load_for_export(path: Path):
+def load_for_export(path: Path, safe_mode: bool = True):
     """The model for inference: Keras safe mode, without its optimizer state (compile=False), which
     would otherwise triple the re-saved .keras of a model trained with Adam."""
-    import keras
+    from finetune.model_source import load_model  # registers finetune's layers
 
-    import finetune.preprocessing  # noqa: F401  registers BackbonePreprocess for deserialization
-
-    return keras.saving.load_model(str(path), safe_mode=True, compile=False)
+    return load_model(path, safe_mode=safe_mode, compile=False)
 
 
 # -- writers -----------------------------------------------------------------------------------------
@@ -136,10 +134,10 @@ def write_tflite(saved_model_dir: Path, path: Path, quantize: str, representativ
 
 
 # -- loaders: each returns predict(images) -> probabilities -------------------------------------------
-def keras_predictor(path: Path):
+def keras_predictor(path: Path, safe_mode: bool = True):
     from finetune.model_source import load_model
 
-    model = load_model(path)  # safe mode
+    model = load_model(path, safe_mode=safe_mode)  # safe mode unless the user trusted the source model
     return lambda images: np.asarray(model.predict_on_batch(images), dtype=np.float32)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -19,14 +20,19 @@ _NO_PRECHECK = {"-m", "--multirun", "-h", "--help", "--hydra-help", "-i", "--inf
                 "--shell-completion", "-cp", "--config-path", "-cn", "--config-name", "-cd",
                 "--config-dir", "--experimental-rerun"}
 _FLAGS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "--resolve"}
+_MULTIRUN = {"-m", "--multirun"}
+_TYPE_NAMES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
 
 
-def overrides_of(args: list[str]) -> list[str] | None:
-    """The override arguments, or None when the arguments ask for something a precheck can't do."""
+def overrides_of(args: list[str], multirun: bool = False) -> list[str] | None:
+    """The override arguments, or None when the arguments ask for something a precheck can't do
+    (`multirun=True`: -m/--multirun is fine, the config is composed as for a sweep)."""
     overrides, skip = [], False
     for arg in args:
         if skip:
             skip = False
+            continue
+        if multirun and arg in _MULTIRUN:
             continue
         if arg in _NO_PRECHECK or arg.split("=", 1)[0] in _NO_PRECHECK:
             return None
@@ -40,19 +46,45 @@ def overrides_of(args: list[str]) -> list[str] | None:
 
 
 def precheck(command: str, args: list[str]) -> str | None:
-    """Compose the config once; return a one-line message for the first problem, else None."""
-    overrides = overrides_of(args)
+    """Compose the config once; return a one-line message for the first problem, else None.
+
+    Besides composition errors: `_target_`s and logging factories outside finetune.safety's
+    allow-list, and output paths that are unwritable or outside where finetune may write. A sweep
+    (-m) is composed as Hydra composes it for a multirun; its composition errors stay Hydra's."""
+    overrides, multirun = overrides_of(args), False
+    if overrides is None and _MULTIRUN & set(args):
+        overrides, multirun = overrides_of(args, multirun=True), True
     if overrides is None:
         return None
+    from finetune import safety
+
     register_configs()
     try:
         with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3", job_name=command):
-            hydra.compose(config_name=command, overrides=overrides, return_hydra_config=True)
+            if multirun:
+                from hydra.types import RunMode
+
+                try:
+                    cfg = GlobalHydra.instance().hydra.compose_config(
+                        config_name=command, overrides=overrides, run_mode=RunMode.MULTIRUN, from_shell=True)
+                except Exception:  # noqa: BLE001 - Hydra reports a sweep's composition errors itself
+                    return None
+            else:
+                cfg = hydra.compose(config_name=command, overrides=overrides, return_hydra_config=True)
+            problem = safety.check_targets(cfg) or safety.check_output_paths(cfg, multirun=multirun)
+            if problem or multirun:  # a sweep's jobs check their own values (a bad one: a FAILED child run)
+                return problem
+            from finetune.validation import validate_command
+
+            try:
+                validate_command(command, cfg)
+            except FinetuneError as error:
+                return str(error)
+            return None
     except Exception as error:  # noqa: BLE001 - every composition error becomes one line
         return explain_composition_error(error)
     finally:
         GlobalHydra.instance().clear()
-    return None
 
 
 def explain_composition_error(error: BaseException) -> str:
@@ -71,7 +103,12 @@ def explain_composition_error(error: BaseException) -> str:
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
         return _unknown_key(cause)
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
-        return f"{cause.full_key}: {cause.msg.splitlines()[0]}"
+        first = cause.msg.splitlines()[0]
+        wrong_type = re.match(r"Value '(.*)' of type '[\w.]+' could not be converted to (\w+)", first)
+        if wrong_type:
+            return (f"{cause.full_key}: received {wrong_type.group(1)!r}; expected "
+                    f"{_TYPE_NAMES.get(wrong_type.group(2), wrong_type.group(2))}")
+        return f"{cause.full_key}: {first}"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return " ".join(lines[:2]) if lines else type(error).__name__
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 
@@ -36,7 +37,7 @@ def weights_source(cfg_backbone):
     return None if weights in (None, "null", "none", "None") else str(weights)
 
 
-def weights_error(spec: BackboneSpec, weights, error: Exception) -> Exception:
+def weights_error(spec: BackboneSpec, weights, error: Exception, include_top: bool = False) -> Exception:
     if weights == "imagenet" and ("URL fetch failure" in str(error) or "Errno" in str(error)):
         return ConfigError(
             "backbone.weights", "imagenet",
@@ -45,6 +46,18 @@ def weights_error(spec: BackboneSpec, weights, error: Exception) -> Exception:
             "Offline: use backbone.weights=null (random init), backbone.weights=<local weights file>, "
             "or copy the file into ~/.keras/models/ on this machine")
     if weights not in (None, "imagenet"):
+        from finetune.backbones import WeightsLoadError
+        from finetune.weights_file import mismatch, read
+
+        if isinstance(error, WeightsLoadError):
+            try:
+                info = read(Path(weights).expanduser())
+            except (ValueError, OSError):
+                info = None
+            return ConfigError("backbone.weights", weights,
+                               mismatch(spec, include_top, error.model, info, error.error),
+                               "Use a file saved from this backbone with the same include_top "
+                               "(finetune train logs backbone/backbone.weights.h5; extract writes one too)")
         return ConfigError(
             "backbone.weights", weights,
             f"a weights file saved from {spec.name} with the same include_top/pooling/input channels "
@@ -62,7 +75,7 @@ def backbone_from_config(cfg_backbone, spec: BackboneSpec):
                                   include_top=bool(cfg_backbone.include_top),
                                   pooling=choice(cfg_backbone.pooling))
     except Exception as error:  # noqa: BLE001 - Keras' own messages here mislead; say what to do
-        raise weights_error(spec, weights, error) from error
+        raise weights_error(spec, weights, error, bool(cfg_backbone.include_top)) from error
     return backbone, shape
 
 

@@ -30,22 +30,82 @@ class ModelBundle:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.label_map["input_shape"])
 
-    def load(self):
-        return load_model(self.model_path)
+    def load(self, safe_mode: bool = True):
+        return load_model(self.model_path, safe_mode=safe_mode)
 
 
-def load_model(path):
-    """Load a .keras file in Keras safe mode (no arbitrary code); finetune's layers are registered."""
+SAFE_MODE_KEY = "model_safe_mode"
+
+
+def load_model(path, safe_mode: bool = True, compile: bool = True):
+    """Load a .keras file in Keras safe mode (no arbitrary code); finetune's layers are registered.
+
+    A model holding Python code (a Lambda layer's function, any deserialized lambda) would run that code
+    when loaded: refused with one line unless the user opts in with model_safe_mode=false."""
     import keras
 
     import finetune.preprocessing  # noqa: F401  registers BackbonePreprocess for deserialization
 
-    return keras.saving.load_model(str(path), safe_mode=True)
+    try:
+        return keras.saving.load_model(str(path), safe_mode=safe_mode, compile=compile)
+    except Exception as error:  # noqa: BLE001 - Keras raises ValueError/TypeError/OSError here
+        text = str(error)
+        if safe_mode and ("safe_mode" in text or "unsafe_deserialization" in text):
+            what = "a Lambda layer's Python function" if "Lambda" in text else "Python code (a lambda)"
+            raise ConfigError("model", str(path), f"a .keras model without code, but it holds {what}, which "
+                                                  "would run when loaded; refused in Keras safe mode",
+                              f"If you trust this file, add {SAFE_MODE_KEY}=false") from None
+        raise ConfigError("model", str(path), f"a .keras model Keras can load (loading failed: "
+                                              f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''})"
+                          ) from error
 
 
-def resolve_model(ref: str, cfg_tracking, download_dir: Path) -> ModelBundle:
-    """Local files of the model `ref` names; downloads MLflow artifacts into `download_dir`."""
-    ref = str(ref)
+def resolve_model(ref: str, cfg_tracking, download_dir: Path, safe_mode: bool = True) -> ModelBundle:
+    """Local files of the model `ref` names; downloads MLflow artifacts into `download_dir`. In safe mode a
+    model whose config holds Python code is refused here, before TensorFlow is imported."""
+    bundle = _resolve(str(ref), cfg_tracking, download_dir)
+    if safe_mode:
+        check_no_code(bundle.model_path)
+    return bundle
+
+
+def check_no_code(model_file: Path) -> None:
+    """ConfigError when the .keras archive's config.json holds a Lambda layer or a serialized Python
+    function (what Keras safe mode refuses to load); read with zipfile + json only."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(model_file) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return  # not readable here: Keras' loader says what is wrong with it
+    found = _code_in(config)
+    if found:
+        raise ConfigError("model", str(model_file),
+                          f"a .keras model without code, but it holds {found}, which would run when "
+                          "loaded; refused in Keras safe mode", f"If you trust this file, add {SAFE_MODE_KEY}=false")
+
+
+def _code_in(node) -> str | None:
+    if isinstance(node, dict):
+        if node.get("class_name") == "Lambda":
+            name = node.get("config", {}).get("name", "") if isinstance(node.get("config"), dict) else ""
+            return f"a Lambda layer{f' ({name!r})' if name else ''} with a Python function"
+        if node.get("class_name") == "__lambda__":
+            return "a serialized Python function (lambda)"
+        for value in node.values():
+            found = _code_in(value)
+            if found:
+                return found
+    elif isinstance(node, list):
+        for value in node:
+            found = _code_in(value)
+            if found:
+                return found
+    return None
+
+
+def _resolve(ref: str, cfg_tracking, download_dir: Path) -> ModelBundle:
     path = Path(ref).expanduser()
     if path.exists():
         return _bundle_from_folder(path.parent if path.is_file() else path, ref, run_id=None,

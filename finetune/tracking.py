@@ -128,9 +128,10 @@ def log_artifact(local_path, artifact_path: str | None = None) -> None:
 
 
 def ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
-    """How to look at the run: `mlflow ui` on this store, and the run's page (training runs view)."""
+    """How to look at the run: `mlflow ui` on this store, bound to the loopback interface only (the UI has
+    no authentication: on 0.0.0.0 anyone on the network could read and delete runs), and the run's page."""
     store = f" --backend-store-uri {uri}" if uri.startswith("sqlite:") else ""
-    return (f"mlflow ui{store}   then open "
+    return (f"mlflow ui --host 127.0.0.1{store}   then open "
             f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
             f" (all runs: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs)")
 

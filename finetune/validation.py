@@ -21,7 +21,7 @@ def validate_train(cfg) -> BackboneSpec:
         if cfg.trainer.stages:
             raise ConfigError("trainer.stages", "[...]", "no stages with data=features (no backbone trains)")
     else:
-        check_backbone(cfg.backbone, spec)
+        check_backbone(cfg.backbone, spec, top_pooling=False)  # check_head refuses include_top=true
         check_head(cfg.head, cfg.backbone)
         check_freeze(cfg, spec)
     check_trainer(cfg.trainer, cfg.optimizer)
@@ -29,7 +29,9 @@ def validate_train(cfg) -> BackboneSpec:
     return spec
 
 
-def check_backbone(cfg_backbone, spec: BackboneSpec) -> None:
+def check_backbone(cfg_backbone, spec: BackboneSpec, top_pooling: bool = True) -> None:
+    """input_shape / include_top / pooling / weights of the `backbone` group (`top_pooling=False`: the
+    command refuses include_top=true itself, with its own message)."""
     shape = cfg_backbone.input_shape
     weights = cfg_backbone.weights
     if shape is not None:
@@ -60,6 +62,13 @@ def check_backbone(cfg_backbone, spec: BackboneSpec) -> None:
         if not path.name.endswith(WEIGHTS_SUFFIXES):
             raise ConfigError("backbone.weights", weights,
                               "a Keras weights file (.weights.h5, .h5) or a .keras model")
+        from finetune.weights_file import check as check_weights_file  # h5py, no TensorFlow
+
+        check_weights_file("backbone.weights", weights, spec, bool(cfg_backbone.include_top))
+    if top_pooling and cfg_backbone.include_top and cfg_backbone.pooling is not None:
+        raise ConfigError("backbone.pooling", choice(cfg_backbone.pooling),
+                          "null with backbone.include_top=true (Keras ignores pooling when the "
+                          "classifier is included: the output is the class probabilities)")
 
 
 def check_head(cfg_head, cfg_backbone) -> None:
@@ -127,3 +136,16 @@ def positive_int(key: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(key, value, "an integer >= 1")
     return int(value)
+
+
+def validate_command(command: str, cfg) -> None:
+    """The checks a command makes of its composed config before it starts, run by the CLI's precheck (so
+    a bad value costs well under a second and Hydra creates nothing). Pure Python; h5py for a weights file."""
+    if command == "train":
+        validate_train(cfg)
+    elif command == "extract":
+        check_backbone(cfg.backbone, get_spec(cfg.backbone.name))
+    elif command == "classify":
+        from finetune.commands.classify import check_classify
+
+        check_classify(cfg, get_spec(cfg.backbone.name))

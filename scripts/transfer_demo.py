@@ -293,7 +293,7 @@ def main(argv=None) -> int:
     print(f"\nfrozen transfer vs scratch: {gain:+.3f} test accuracy")
     print(f"MLflow: experiment '{args.experiment}' (id {experiment.experiment_id}) in {uri}; "
           f"these runs carry the tag transfer_demo={demo_id}")
-    print(f"  mlflow ui --backend-store-uri {uri}")
+    print(f"  mlflow ui --host 127.0.0.1 --backend-store-uri {uri}")
     print(f"logs: {log_dir}   total wall time {time.perf_counter() - began:.0f} s")
     if failed:
         print(f"error: run(s) not FINISHED in MLflow: {', '.join(failed)}", file=sys.stderr)

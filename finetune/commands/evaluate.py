@@ -39,7 +39,7 @@ def run(cfg, output_dir: Path) -> dict:
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    bundle = resolve_model(cfg.model, cfg.tracking, output_dir / "model")
+    bundle = resolve_model(cfg.model, cfg.tracking, output_dir / "model", safe_mode=bool(cfg.model_safe_mode))
     label_order = _label_order(dataset, bundle.class_names)
     classes = bundle.class_names
     k = min(top_k, len(classes))
@@ -47,7 +47,7 @@ def run(cfg, output_dir: Path) -> dict:
     print(f"evaluating {cfg.model} on {dataset.name} ({split}: {size} images, {len(classes)} classes)",
           flush=True)
 
-    probs, labels, paths = _predict_split(bundle, dataset, split, batch_size)
+    probs, labels, paths = _predict_split(bundle, dataset, split, batch_size, bool(cfg.model_safe_mode))
     labels = label_order[labels]  # dataset label index -> model class index
     metrics, per_class, matrix = compute_metrics(probs, labels, classes, k)
     files = _write_files(output_dir, split, dataset.name, str(cfg.model), classes, metrics, per_class,
@@ -101,10 +101,10 @@ def _label_order(dataset, model_classes: list[str]) -> np.ndarray:
     return np.asarray([model_classes.index(c) for c in data_classes], np.int64)
 
 
-def _predict_split(bundle, dataset, split: str, batch_size: int):
+def _predict_split(bundle, dataset, split: str, batch_size: int, safe_mode: bool = True):
     from finetune.data import make_pipeline
 
-    model = bundle.load()
+    model = bundle.load(safe_mode=safe_mode)
     ds = make_pipeline(dataset, split, bundle.input_shape[:2], batch_size, training=False,
                        seed=0, cache="off")
     probs, labels = [], []

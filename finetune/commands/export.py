@@ -26,8 +26,12 @@ def run(cfg, output_dir: Path) -> dict:
 
     output_dir = Path(output_dir)
     out = Path(cfg.export.output).expanduser() if cfg.export.output else output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    bundle = resolve_model(cfg.model, cfg.tracking, output_dir / "source_model")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("export.output" if cfg.export.output else "hydra.run.dir", str(out),
+                          f"a folder this user can create and write ({error.strerror})") from None
+    bundle = resolve_model(cfg.model, cfg.tracking, output_dir / "source_model", safe_mode=bool(cfg.model_safe_mode))
     data_cfg = cfg.data if cfg.data is not None else (bundle.config.data if bundle.config is not None
                                                       and "data" in bundle.config else None)
     if data_cfg is None:
@@ -36,13 +40,14 @@ def run(cfg, output_dir: Path) -> dict:
     check, check_splits, calibration = _images(data_cfg, bundle, cfg.export,
                                                need_calibration=quantize == "int8")
 
-    model = exporting.load_for_export(bundle.model_path)  # safe mode, no optimizer state
+    safe_mode = bool(cfg.model_safe_mode)
+    model = exporting.load_for_export(bundle.model_path, safe_mode)  # no optimizer state
     reference = np.asarray(model.predict_on_batch(check), np.float32)  # what every export must reproduce
     rows, failures, warnings = [], [], []
     written: dict[str, Path] = {}
     for fmt in sorted(formats, key=exporting.FORMATS.index):  # the SavedModel before the TFLite made from it
         rows.append(_export_one(fmt, quantize if fmt == "tflite" else None, model, out, written, check,
-                                reference, calibration, failures, warnings))
+                                reference, calibration, failures, warnings, safe_mode))
 
     label_map = out / "label_map.json"  # what a TFLite / Serving client needs to name the classes
     if label_map.resolve() != (bundle.model_path.parent / "label_map.json").resolve():
@@ -109,12 +114,12 @@ def _take(dataset, splits, size, count: int):
 
 
 def _export_one(fmt, quantize, model, out: Path, written: dict, check, reference, calibration,
-                failures, warnings) -> dict:
+                failures, warnings, safe_mode: bool = True) -> dict:
     name = exporting.label(fmt, quantize)
     start = time.perf_counter()
     if fmt == "keras":
         path = exporting.write_keras(model, out)
-        predict = exporting.keras_predictor(path)
+        predict = exporting.keras_predictor(path, safe_mode)
     elif fmt == "saved_model":
         path = written["saved_model"] = exporting.write_saved_model(model, out / "saved_model")
         predict = exporting.saved_model_predictor(path)
@@ -203,6 +208,9 @@ def _log(cfg, bundle, out: Path, rows, report, formats) -> str:
                 status = "FINISHED"
             else:
                 mlflow.set_tag("error", "; ".join(report["failures"])[:5000])
+        except BaseException as error:  # the run ends FAILED; say why on the run itself
+            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            raise
         finally:
             mlflow.end_run(status=status)
     where = "  (the model's run, under export/)" if bundle.run_id else ""

@@ -25,7 +25,13 @@ def run(cfg, output_dir: Path) -> dict:
     images = list_images(cfg.images) if cfg.images else None
     dataset = None if images else load_dataset(cfg.data)
     out = Path(str(cfg.extract.output)).expanduser() if cfg.extract.output else output_dir
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        from finetune.errors import ConfigError
+
+        raise ConfigError("extract.output" if cfg.extract.output else "hydra.run.dir", str(out),
+                          f"a folder this user can create and write ({error.strerror})") from None
     import mlflow
 
     from finetune import tracking
@@ -33,14 +39,19 @@ def run(cfg, output_dir: Path) -> dict:
     experiment_id = tracking.use_experiment(cfg.tracking)
     with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name,
                           tags={"command": "extract", **dict(cfg.tracking.tags)}) as active:
-        manifest = extract(cfg, spec, dataset, images, out)
-        tracking.log_params({"command": "extract", "backbone": spec.name, "weights": manifest["weights"],
-                             "layer": manifest["layer"], "input_shape": manifest["input_shape"],
-                             "dataset": manifest["dataset"], "feature_dim": manifest["feature_dim"],
-                             "format": manifest["format"], **{f"{k}_size": v for k, v in manifest["counts"].items()}})
-        for name in [MANIFEST, manifest["file"], *([manifest["backbone_weights_file"]]
-                                                    if manifest.get("backbone_weights_file") else [])]:
-            mlflow.log_artifact(str(out / name), "features")
+        try:
+            manifest = extract(cfg, spec, dataset, images, out)
+            tracking.log_params({"command": "extract", "backbone": spec.name, "weights": manifest["weights"],
+                                 "layer": manifest["layer"], "input_shape": manifest["input_shape"],
+                                 "dataset": manifest["dataset"], "feature_dim": manifest["feature_dim"],
+                                 "format": manifest["format"],
+                                 **{f"{k}_size": v for k, v in manifest["counts"].items()}})
+            for name in [MANIFEST, manifest["file"], *([manifest["backbone_weights_file"]]
+                                                        if manifest.get("backbone_weights_file") else [])]:
+                mlflow.log_artifact(str(out / name), "features")
+        except BaseException as error:  # the run ends FAILED; say why on the run itself
+            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            raise
         run_id = active.info.run_id
     print("\n== finetune extract: done ==")
     print(f"  vectors      {sum(manifest['counts'].values())} x {manifest['feature_dim']} "

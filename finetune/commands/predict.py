@@ -40,13 +40,13 @@ def run(cfg, output_dir: Path) -> dict:
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    bundle = resolve_model(cfg.model, cfg.tracking, output_dir / "model")
+    bundle = resolve_model(cfg.model, cfg.tracking, output_dir / "model", safe_mode=bool(cfg.model_safe_mode))
     classes = bundle.class_names
     k = min(top_k, len(classes))
     print(f"predicting {len(paths)} image(s) with {cfg.model} ({len(classes)} classes, "
           f"input {bundle.input_shape[0]}x{bundle.input_shape[1]})", flush=True)
 
-    model = bundle.load()
+    model = bundle.load(safe_mode=bool(cfg.model_safe_mode))
     probs = predict_files(model, paths, bundle.input_shape[:2], batch_size)
     if probs.shape[1] != len(classes):
         raise ConfigError("model", cfg.model, f"a model whose output ({probs.shape[1]} classes) matches "
