@@ -172,6 +172,21 @@ def test_pillow_conversion_to_rgb(tmp_path, name):
         assert np.abs(rgb[row, col].astype(int) - colour).max() <= 8, (name, row, col, rgb[row, col], colour)
 
 
+@pytest.mark.parametrize("values,mode,expected", [
+    (np.full((2, 3), 32896, np.uint16), "I;16", 128),  # 16-bit: 0..65535 -> 0..255
+    (np.full((2, 3), 65535, np.int32), "I", 255),
+    (np.full((2, 3), 200, np.int32), "I", 200),  # 8-bit values in a 32-bit image stay as they are
+    (np.full((2, 3), 0.5, np.float32), "F", 128),  # float in 0..1
+])
+def test_high_bit_depth_modes_scale_to_uint8(values, mode, expected):
+    from finetune.data.scan import to_rgb_array
+
+    image = Image.fromarray(values)
+    assert image.mode == mode
+    rgb = to_rgb_array(image)
+    assert rgb.dtype == np.uint8 and rgb.shape == (2, 3, 3) and (rgb == expected).all()
+
+
 def test_scan_results_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     from finetune.data import scan
 

@@ -153,7 +153,8 @@ def scan_files(paths, workers: int | None = None, cache: "str | os.PathLike | No
     found: dict[str, FileCheck] = {}
     for p in paths:
         entry = known.get(p)
-        if stats[p] and entry and tuple(entry[:2]) == stats[p] and (entry[2] or not full):
+        if stats[p] and isinstance(entry, list) and len(entry) == 6 and tuple(entry[:2]) == stats[p] \
+                and (entry[2] or not full):
             found[p] = FileCheck(p, entry[3], entry[4], bool(entry[5]))
     todo = [p for p in dict.fromkeys(paths) if p not in found]
     check = partial(check_file, full=full)
@@ -236,8 +237,11 @@ def to_rgb_array(image) -> np.ndarray:
                 values = values.astype(np.float64)
                 scale = 255.0 if values.size and np.nanmax(values) <= 1.0 else 1.0
                 gray = np.clip(np.nan_to_num(values) * scale, 0, 255)
-            else:  # 16-bit (Pillow opens 16-bit gray PNG/TIFF as I;16 or I): 0..65535 -> 0..255
-                gray = np.clip(values.astype(np.float64) / 257.0, 0, 255)
+            else:  # 16-bit (Pillow opens 16-bit gray PNG/TIFF as I;16, some as I): 0..65535 -> 0..255;
+                # an "I" image whose values all fit 0..255 is 8-bit data in a 32-bit container
+                values = values.astype(np.float64)
+                eight_bit = mode == "I" and (values.size == 0 or values.max() <= 255)
+                gray = np.clip(values if eight_bit else values / 257.0, 0, 255)
             gray = np.rint(gray).astype(np.uint8)
             return np.repeat(gray[..., None], 3, axis=-1)
         if mode != "RGB":
