@@ -279,6 +279,9 @@ def test_pipeline_decodes_conversions_to_the_right_colours(tmp_path):
             for (row, col), colour in pixels.items():
                 got = rgb[row, col].astype(int)
                 assert np.abs(got - colour).max() <= 8, (check.path, pillow, row, col, got, colour)
+        # inside a tf.data map too (graph mode), as predict runs it
+        graph = next(iter(tf.data.Dataset.from_tensors(check.path).map(lambda p: decode_file(p, shape)))).numpy()
+        assert (graph == decode_file(tf.constant(check.path), shape, tf.constant(check.pillow)).numpy()).all()
         # both decoders agree where both apply (so routing a file to Pillow changes nothing else)
         if not check.pillow:
             tf_rgb = decode_file(tf.constant(check.path), shape, tf.constant(False)).numpy().astype(int)
