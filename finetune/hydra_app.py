@@ -193,6 +193,9 @@ def run_app(command: str, args: list[str]) -> int:
         print(text)
         return 0
     register_plugins()
+    from finetune.safety import install_guard
+
+    install_guard()
     sys.argv = [f"finetune {command}", *args]
     app = hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_task(command))
     app()

@@ -132,6 +132,33 @@ def _defined_in_module(target: str) -> bool:
     return True
 
 
+def install_guard() -> None:
+    """Check every config Hydra loads, also where the CLI's precheck does not compose one (-cn, -cp, -cd,
+    sweep jobs): one line and exit 2 before Hydra configures logging or instantiates a callback."""
+    import functools
+    import sys
+
+    try:
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    except ImportError:  # another Hydra layout: the precheck still covers the usual command lines
+        return
+    original = ConfigLoaderImpl.load_configuration
+    if getattr(original, "finetune_guard", False):
+        return
+
+    @functools.wraps(original)
+    def load_configuration(self, *args, **kwargs):
+        cfg = original(self, *args, **kwargs)
+        problem = check_targets(cfg)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
+        return cfg
+
+    load_configuration.finetune_guard = True
+    ConfigLoaderImpl.load_configuration = load_configuration
+
+
 # -- paths the command writes -----------------------------------------------------------------------
 def protected_folders() -> list[Path]:
     """finetune's code and configs: the package, conf/ and the hydra_plugins it ships."""

@@ -64,6 +64,8 @@ CASES = [
      ["hydra.callbacks.evil._target_", "finetune.cli.os.system"]),
     ("target_in_sweep", "train", ["-m", "+hydra.callbacks.evil._target_=collections.OrderedDict",
                                   "trainer.epochs=0,1"], ["hydra.callbacks.evil._target_", "collections.OrderedDict"]),
+    ("target_config_name_flag", "train", ["-cn", "train", "+hydra.callbacks.evil._target_=collections.OrderedDict"],
+     ["hydra.callbacks.evil._target_", "collections.OrderedDict"]),  # no precheck with -cn: Hydra's loader
     # where outputs go
     ("run_dir_under_file", "train", ["hydra.run.dir={f}/afile/run"], ["hydra.run.dir", "afile", "is a file"]),
     ("run_dir_escapes", "train", ["hydra.run.dir=../../escape"], ["hydra.run.dir", "'..'", "working directory"]),
@@ -151,3 +153,19 @@ def test_every_shipped_config_passes_the_safety_checks():
     for sweep in (["hydra/launcher=joblib"], ["hydra/launcher=submitit_local"], ["hydra/launcher=slurm"],
                   ["hparams_search=head_optuna"], ["optimizer.lr=1e-3,1e-4"]):
         assert precheck("train", ["-m", *sweep]) is None, sweep
+
+
+def test_nothing_a_user_loads_later_is_pickled():
+    """Every np.load refuses pickles; pickle itself only hands a sweep job's config to its child process
+    over a pipe (finetune.isolated_job: in memory, never a file anyone loads later)."""
+    import re
+
+    root = conf_dir().parent
+    sources = [p for folder in ("finetune", "hydra_plugins", "scripts") for p in (root / folder).rglob("*.py")]
+    for path in sources:
+        text = path.read_text()
+        for call in re.findall(r"np\.load\([^)]*\)", text):
+            assert "allow_pickle=False" in call, (path, call)
+        assert "allow_pickle=True" not in text, path
+        for use in re.findall(r"(?:pickle|joblib|dill|cloudpickle)\.loads?\(", text):
+            assert path.name == "isolated_job.py" and use == "pickle.loads(", (path, use)
