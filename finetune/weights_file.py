@@ -151,6 +151,8 @@ def check(key: str, value, spec, include_top: bool) -> WeightsFile:
         raise ConfigError(key, str(value), f"a Keras weights file (.weights.h5 / .h5 / .keras) for "
                                            f"{spec.name}, but {error}") from None
     want = f"{spec.name} include_top={str(include_top).lower()}"
+    if info.format == "keras3" and spec.family == "convnext":
+        return info  # ConvNeXt blocks hold Dense layers: a Keras 3 file cannot show a classifier by kind
     if info.has_top and not include_top:
         raise ConfigError(key, str(value), f"weights of {want}, but the file looks like a backbone WITH its "
                                            f"classifier (include_top=true; {info.summary()})",

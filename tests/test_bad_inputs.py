@@ -5,6 +5,7 @@ starts a job or TensorFlow is imported; the rest in the command's checks, still 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from omegaconf import OmegaConf
@@ -34,6 +35,8 @@ def files(tmp_path_factory):
     # MobileNetV2 without classifier, legacy Keras 2 .h5 (the format keras.applications downloads)
     keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(32, 32, 3), alpha=0.35,
                                    pooling="avg").save(root / "mnv2_notop.h5")
+    keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(32, 32, 3), alpha=0.35,
+                                   pooling="avg").save_weights(root / "mnv2_notop.weights.h5")
     # a model with a Lambda layer (Python code in the file), as `finetune train` lays out a model folder
     model_dir = root / "lambda_model"
     model_dir.mkdir()
@@ -169,3 +172,27 @@ def test_nothing_a_user_loads_later_is_pickled():
         assert "allow_pickle=True" not in text, path
         for use in re.findall(r"(?:pickle|joblib|dill|cloudpickle)\.loads?\(", text):
             assert path.name == "isolated_job.py" and use == "pickle.loads(", (path, use)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_output_folder(cli, mlflow_client, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        line = one_error_line(cli("extract", f"extract.output={locked}/features", experiment="bad_unwritable"))
+    finally:
+        locked.chmod(0o700)
+    assert "extract.output" in line and "not writable" in line, line
+    assert mlflow_client.get_experiment_by_name("bad_unwritable") is None
+
+
+def test_the_right_weights_files_pass(files):
+    """The checks refuse nothing that Keras loads correctly: the same backbone's no-top weights, in
+    Keras 3 and legacy format, pass the CLI's precheck."""
+    from finetune.hydra_app import precheck
+
+    for name in ("mnv2_notop.weights.h5", "mnv2_notop.h5"):
+        args = [*SMALL, f"backbone.weights={files / name}"]
+        assert precheck("train", args) is None, name
+        assert precheck("extract", args) is None, name
