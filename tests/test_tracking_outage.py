@@ -266,9 +266,10 @@ def test_server_killed_mid_run_training_finishes_at_full_speed_and_replay_delive
             assert sorted(m.step for m in history) == list(range(epochs)), (key, history)
         stamps = [m.timestamp for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
         assert stamps == sorted(stamps) and stamps[-1] <= run.info.end_time  # original times, not replay's
-        # epochs after the kill took as long as those before it: no epoch waited on the dead server
+        # epochs after the kill took about as long as each other: none waited on the dead server (one call
+        # with MLflow's default client blocks 247 s; the slack is for a loaded 2-core machine)
         gaps = [(b - a) / 1000 for a, b in zip(stamps[1:], stamps[2:])]  # epoch 0 also traces the graph
-        assert max(gaps) <= 3 * min(gaps) + 5, gaps
+        assert max(gaps) <= 3 * min(gaps) + 20, gaps
         assert "test_accuracy" in run.data.metrics and run.data.params["backbone"] == "mobilenet_v2"
         assert {"model", "metrics.json", "config.yaml"} <= {a.path for a in client.list_artifacts(run_id)}
         print(f"training {finished - started:.1f} s, {finished - killed_at:.1f} s after the kill; "
