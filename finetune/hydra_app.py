@@ -71,7 +71,10 @@ def precheck(command: str, args: list[str]) -> str | None:
                     return None
             else:
                 cfg = hydra.compose(config_name=command, overrides=overrides, return_hydra_config=True)
-            problem = safety.check_targets(cfg) or safety.check_output_paths(cfg, multirun=multirun)
+            problem = safety.check_targets(cfg)
+            if problem or any(a in ("-c", "--cfg") for a in args):  # --cfg prints the config, runs nothing
+                return problem
+            problem = safety.check_output_paths(cfg, multirun=multirun)
             if problem or multirun:  # a sweep's jobs check their own values (a bad one: a FAILED child run)
                 return problem
             from finetune.validation import validate_command

@@ -36,9 +36,29 @@ def artifact_location(cfg_tracking, uri: str) -> str | None:
 
 
 def use_experiment(cfg_tracking) -> str:
-    """Point MLflow at the store and experiment; returns the experiment id."""
+    """Point MLflow at the store and experiment; returns the experiment id.
+
+    A remote server that cannot be reached gets a few seconds (2 retries), then one error line,
+    instead of MLflow's default 7 retries with backoff (about 4 minutes) and a traceback."""
+    from finetune import tracking_buffer
+    from finetune.errors import FinetuneError
+
     uri = tracking_uri(cfg_tracking)
     mlflow.set_tracking_uri(uri)
+    if not tracking_buffer.is_remote(uri):
+        return _use_experiment(cfg_tracking, uri)
+    try:
+        with tracking_buffer.bounded_http(retries=tracking_buffer.STARTUP_RETRIES):
+            return _use_experiment(cfg_tracking, uri)
+    except Exception as error:  # noqa: BLE001
+        if not tracking_buffer.is_outage(error):
+            raise
+        raise FinetuneError(f"tracking.uri: the tracking server {uri} is unreachable "
+                            f"({tracking_buffer.reason(error)}); start it, or log to a local store "
+                            f"(tracking.uri=null: sqlite in the working directory)") from None
+
+
+def _use_experiment(cfg_tracking, uri: str) -> str:
     experiment = mlflow.get_experiment_by_name(cfg_tracking.experiment)
     if experiment is not None:
         return experiment.experiment_id

@@ -37,6 +37,7 @@ TIMEOUT_ENV = "FINETUNE_TRACKING_TIMEOUT"
 DEFAULT_TIMEOUT_S = 10
 ARTIFACT_TIMEOUT_S = 120  # an upload may legitimately take a while between two socket reads
 FIRST_COOLDOWN_S, MAX_COOLDOWN_S = 15.0, 300.0
+STARTUP_RETRIES = 2  # finding the experiment before the run: a server restarting gets ~3 s, not 4 minutes
 # MLflow's limits per log_batch request
 BATCH_METRICS, BATCH_PARAMS, BATCH_TAGS = 1000, 100, 100
 # MLflow error codes that are the caller's fault, not an outage: replaying them later would fail again
@@ -64,9 +65,10 @@ def _timeout_s() -> int:
 
 
 @contextlib.contextmanager
-def bounded_http(timeout_s: int | None = None):
-    """MLflow's REST client reads these at every request: no retries, a short timeout, meanwhile."""
-    values = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+def bounded_http(timeout_s: int | None = None, retries: int = 0):
+    """MLflow's REST client reads these at every request: few or no retries, a short timeout, meanwhile."""
+    values = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(retries)),
+              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # urllib3 waits 0, 2, 4 ... s between retries
               "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s or _timeout_s()))}
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
@@ -329,7 +331,7 @@ class Session:
         if self.open_until is None or not self.outages:  # (or journal left by an earlier process)
             self.outages += 1
             self.cooldown = self.first_cooldown
-            self._say(f"WARNING: tracking server {self.uri} is unreachable ({_one_line(error)}). "
+            self._say(f"WARNING: tracking server {self.uri} is unreachable ({reason(error)}). "
                       f"Training goes on; metrics, params, tags and artifacts are kept in {self.journal.path} "
                       f"and sent when the server is back.")
         else:
@@ -350,8 +352,8 @@ class Session:
                         raise
                     self.journal.mark_sent(sent)
                     sent = []
-                    self.journal.mark_rejected(entry["seq"], _one_line(error))
-                    self._say(f"WARNING: tracking server rejected a journaled {entry['op']} call: {_one_line(error)}")
+                    self.journal.mark_rejected(entry["seq"], one_line(error))
+                    self._say(f"WARNING: tracking server rejected a journaled {entry['op']} call: {one_line(error)}")
         except Exception as error:  # noqa: BLE001 - still unreachable
             self.journal.mark_sent(sent)
             self._opened(error)
@@ -409,9 +411,21 @@ class Session:
         return text
 
 
-def _one_line(error: BaseException) -> str:
+def reason(error: BaseException) -> str:
+    """Why the server could not be reached, short: 'connection refused', 'timed out', else the error."""
+    text = str(error)
+    for needle, short in (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                          ("Name or service not known", "unknown host"),
+                          ("Temporary failure in name resolution", "name resolution failed"),
+                          ("Connection reset", "connection reset"), ("Connection aborted", "connection aborted")):
+        if needle in text:
+            return short
+    return one_line(error, 200)
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
     text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:300]}"
+    return f"{type(error).__name__}: {text[:limit]}"
 
 
 # -- the current run's session, used by finetune.tracking --------------------------------------------
@@ -476,7 +490,7 @@ def replay(journal_path, tracking_uri: str | None = None, client=None) -> tuple[
                     raise
                 journal.mark_sent(sent)
                 sent = []
-                journal.mark_rejected(entry["seq"], _one_line(error))
+                journal.mark_rejected(entry["seq"], one_line(error))
     finally:
         journal.mark_sent(sent)
     return done, journal.pending()
@@ -500,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         done, left = replay(path, args.tracking_uri)
     except Exception as error:  # noqa: BLE001 - one line, no traceback
         left = Journal(path).pending()
-        print(f"error: tracking server still unreachable ({_one_line(error)}); "
+        print(f"error: tracking server still unreachable ({one_line(error)}); "
               f"{len(pending) - len(left)} of {len(pending)} call(s) sent, the rest stay in {path}",
               file=sys.stderr)
         return 1

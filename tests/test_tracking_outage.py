@@ -166,6 +166,23 @@ def test_bounded_http_only_while_inside(monkeypatch):
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
 
 
+def test_unreachable_server_before_the_run_is_one_line_in_seconds():
+    """Not 4 minutes of MLflow's default retries and a traceback: a couple of retries, then one line."""
+    from omegaconf import OmegaConf
+
+    from finetune import tracking
+    from finetune.errors import FinetuneError
+
+    cfg = OmegaConf.create({"uri": f"http://127.0.0.1:{free_port()}", "experiment": "x",
+                            "artifact_location": None})
+    start = time.monotonic()
+    with pytest.raises(FinetuneError) as raised:
+        tracking.use_experiment(cfg)
+    assert time.monotonic() - start < 15
+    assert "is unreachable (connection refused); start it" in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
 def test_replay_command_on_a_missing_journal_is_one_line(tmp_path, capsys):
     assert tracking_buffer.main([str(tmp_path / "nope.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
