@@ -220,6 +220,11 @@ class TrainerConfig:
     # auto: what finetune.compute measured fastest for this device class and backbone family
     precision: Precision = Precision.auto
     jit_compile: str = "auto"  # auto | true | false (XLA)
+    # A checkpoint at every epoch end (run dir/checkpoint/): a killed run continues from its last
+    # completed epoch. resume: auto = the same command continues this config's interrupted run;
+    # never = always a new run; <run dir> = continue that run
+    checkpoint: bool = True
+    resume: str = "auto"
 
 
 @dataclass

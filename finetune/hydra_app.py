@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from finetune.cli import conf_dir
 from finetune.config import register_configs
 from finetune.errors import FinetuneError, did_you_mean
+from finetune.signals import Terminated
 
 # Flags after which composing the config ourselves first would be wrong or pointless.
 _NO_PRECHECK = {"-m", "--multirun", "-h", "--help", "--hydra-help", "-i", "--info", "-sc",
@@ -149,6 +150,12 @@ def _task(command: str):
                 raise
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+        except Terminated as stop:  # the command already said what was kept; 128 + signal, as a shell would
+            sys.exit(128 + int(stop.signum))
+        except KeyboardInterrupt:
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                raise
+            sys.exit(130)
         return module.objective(result) if hasattr(module, "objective") else None
 
     return task

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import keras
@@ -12,6 +13,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from finetune import batchnorm, files, reports, tracking
+from finetune.checkpoint import (Checkpoints, assign_weights, config_hash, optimizer_arrays, restore_optimizer,
+                                 weight_arrays)
 from finetune.compute import ComputeChoice, choose, device_class
 from finetune.config import choice
 from finetune.data import make_pipeline
@@ -21,7 +24,7 @@ from finetune.training import MlflowEpochMetrics, compile_model, early_stopping,
 
 
 class TrainRun:
-    def __init__(self, cfg, spec, dataset, output_dir: Path):
+    def __init__(self, cfg, spec, dataset, output_dir: Path, resume: dict | None = None):
         self.cfg, self.spec, self.dataset = cfg, spec, dataset
         self.out = Path(output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -30,6 +33,9 @@ class TrainRun:
         self.stage_starts: list[tuple[str, int]] = []
         self.feature_sets = None  # {"train"/"val"/"test": (features, labels)} while a stage uses them
         self.compute = ComputeChoice("fp32", False, "a head alone")  # execute() chooses for a backbone
+        self.resume = resume  # a loaded checkpoint (finetune.checkpoint) to continue from, or None
+        self.checkpoints = Checkpoints(self.out) if cfg.trainer.get("checkpoint", False) else None
+        self.backbone_changed = False  # once True, checkpoints hold the backbone's weights too
 
     def execute(self) -> dict:
         keras.backend.clear_session()  # a fresh graph per run: sweeps run many jobs in one process
@@ -41,11 +47,18 @@ class TrainRun:
             self.parts = build_parts(self.cfg.backbone, self.cfg.head, self.spec, len(self.classes))
             self.pipelines()
             self.log_setup()
-            epoch = 0
+            epoch, done = self.restore_progress() if self.resume else (0, 0)
             for index, stage in enumerate(resolve_stages(self.cfg)):
+                if index < done:  # finished before the interruption
+                    continue
                 epoch = self.run_stage(index, stage, epoch)
+                self.save_checkpoint(index + 1, epoch, epoch, {}, None)  # the next stage starts afresh
+            if not hasattr(self, "model"):  # interrupted after the last stage: only the end is left
+                self.model = assemble(self.parts)
             metrics = self.evaluate()
             self.save_artifacts()
+            if self.checkpoints is not None:  # the saved model supersedes it
+                shutil.rmtree(self.checkpoints.folder, ignore_errors=True)
         finally:  # later models in this process (a sweep's next job, predict) start from the default
             keras.mixed_precision.set_global_policy("float32")
         return metrics
@@ -131,23 +144,90 @@ class TrainRun:
         compile_model(model, self.cfg.optimizer, stage.lr, len(self.classes),  # after trainable changes
                       jit_compile=self.compute.jit_compile)
         self.stage_starts.append((stage.name, first_epoch))
+        self.backbone_changed = self.backbone_changed or backbone_trains or bool(bn_layers)
+        resume, self.resume = self.resume, None  # a checkpoint taken inside this stage, if any
+        start = resume["state"]["epoch"] if resume else first_epoch
         print(f"\n-- stage {index + 1} '{stage.name}': {stage.epochs} epoch(s), lr={stage.lr:g}, "
-              f"freeze={stage.policy}" + (f" n={stage.n}" if stage.policy == "last_n" else ""))
-        callbacks = [MlflowEpochMetrics(index), *early_stopping(self.cfg.trainer.early_stopping)]
+              f"freeze={stage.policy}" + (f" n={stage.n}" if stage.policy == "last_n" else "")
+              + (f"; continuing at epoch {start + 1}" if start > first_epoch else ""))
+        checkpoint = EpochCheckpoint(self, index, first_epoch)
+        callbacks = [checkpoint, MlflowEpochMetrics(index), *early_stopping(self.cfg.trainer.early_stopping)]
         self.feature_sets = None
         if self.uses_feature_cache(backbone_trains, bn_layers):
-            history = self.fit_head_on_features(index, stage, first_epoch, callbacks)
+            history = self.fit_head_on_features(index, stage, first_epoch, callbacks, resume)
         else:
-            history = fit_stage(model, self.train_ds, self.val_ds, first_epoch=first_epoch,
-                                epochs=stage.epochs, callbacks=callbacks, steps_per_epoch=self.steps_per_epoch,
+            self.restore(model, resume)
+            history = fit_stage(model, self.skip_epochs(self.train_ds, start - first_epoch), self.val_ds,
+                                first_epoch=start, epochs=stage.epochs - (start - first_epoch),
+                                callbacks=callbacks, steps_per_epoch=self.steps_per_epoch,
                                 verbose=int(self.cfg.trainer.verbose))
         for key, values in history.history.items():
             self.history.setdefault(key, []).extend(float(v) for v in values)
-        last_epoch = first_epoch + len(history.epoch)
+        last_epoch = start + len(history.epoch)
         if bn_layers:
             self.recalibrate(model, bn_layers, last_epoch - 1)
         self.model = model
         return last_epoch
+
+    # -- checkpoints and resuming (finetune.checkpoint) --------------------------------------------------
+    def save_checkpoint(self, stage: int, epoch: int, stage_first_epoch: int, current: dict, optimizer) -> None:
+        """`current`: this stage's epoch logs not yet in self.history; optimizer: mid-stage state or None."""
+        if self.checkpoints is None:
+            return
+        history = {k: list(v) for k, v in self.history.items()}
+        for key, values in current.items():
+            history.setdefault(key, []).extend(values)
+        state = {"stage": stage, "epoch": epoch, "stage_first_epoch": stage_first_epoch, "history": history,
+                 "stage_starts": [list(s) for s in self.stage_starts], "backbone_changed": self.backbone_changed,
+                 "run_id": mlflow.active_run().info.run_id if mlflow.active_run() else None,
+                 "config_hash": config_hash(self.cfg)}
+        weights = weight_arrays(self.parts.backbone, self.parts.head, self.backbone_changed)
+        self.checkpoints.save(state, weights, optimizer_arrays(optimizer) if optimizer is not None else None)
+
+    def restore_progress(self) -> tuple[int, int]:
+        """From self.resume: history, stage starts and weights back; MLflow gets any epoch it missed.
+        Returns (first epoch of the stage to run, index of that stage)."""
+        state = self.resume["state"]
+        self.history = {k: [float(x) for x in v] for k, v in state["history"].items()}
+        self.stage_starts = [(name, int(first)) for name, first in state["stage_starts"]][:state["stage"]]
+        self.backbone_changed = bool(state["backbone_changed"])
+        assign_weights(self.resume["weights"], self.parts.backbone, self.parts.head)
+        if self.resume["optimizer"] is None:  # taken between stages: the next stage starts afresh
+            self.resume = None
+        self.log_missing_epochs(int(state["epoch"]))
+        print(f"   resuming: {state['epoch']} epoch(s) done (stage {state['stage'] + 1}), checkpoint of "
+              f"{state.get('saved', '?')} in {self.checkpoints.folder if self.checkpoints else self.out}")
+        tracking.set_tag("resumed_from_epoch", str(state["epoch"]))
+        return int(state["stage_first_epoch"]), int(state["stage"])
+
+    def log_missing_epochs(self, epochs: int) -> None:
+        """Epochs the checkpoint holds but MLflow lacks (killed between the two): logged once, same step."""
+        run = mlflow.active_run()
+        try:
+            history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "loss")
+        except Exception as error:  # noqa: BLE001 - tracking server away: nothing is re-logged
+            print(f"   could not read the run's logged epochs ({type(error).__name__}); none re-logged")
+            return
+        logged = {m.step for m in history}
+        starts = [first for _, first in self.stage_starts]
+        for step in range(epochs):
+            if step in logged:
+                continue
+            values = {k: v[step] for k, v in self.history.items() if len(v) > step}
+            values["stage"] = float(sum(1 for first in starts if first <= step) - 1)
+            tracking.log_metrics(values, step=step)
+
+    def restore(self, training_model, resume: dict | None) -> None:
+        if resume is None:
+            return
+        assign_weights(resume["weights"], self.parts.backbone, self.parts.head)
+        if resume["optimizer"] is not None:
+            restore_optimizer(training_model, resume["optimizer"])
+
+    def skip_epochs(self, ds, epochs: int):
+        """The repeated training pipeline from epoch `epochs` of the stage on: an interrupted run sees
+        the same (seeded) data order as one that was never interrupted."""
+        return ds.skip(epochs * self.steps_per_epoch) if epochs > 0 else ds
 
     # -- a frozen backbone's features, computed once ------------------------------------------------
     def uses_feature_cache(self, backbone_trains: bool, bn_layers) -> bool:
@@ -156,7 +236,7 @@ class TrainRun:
         return (choice(self.cfg.trainer.feature_cache) != "off" and not backbone_trains and not bn_layers
                 and choice(self.cfg.data.augment) == "none")
 
-    def fit_head_on_features(self, index: int, stage, first_epoch: int, callbacks):
+    def fit_head_on_features(self, index: int, stage, first_epoch: int, callbacks, resume=None):
         import tensorflow as tf
 
         self.feature_sets = self.cached_features()
@@ -174,9 +254,11 @@ class TrainRun:
                  .batch(batch).repeat().prefetch(tf.data.AUTOTUNE))
         print(f"   training the head on cached {self.spec.name} features {tuple(features.shape[1:])} "
               f"of {len(labels)} training images")
-        return fit_stage(self.head_model, train, self.feature_dataset("val"), first_epoch=first_epoch,
-                         epochs=stage.epochs, callbacks=callbacks, steps_per_epoch=self.steps_per_epoch,
-                         verbose=int(self.cfg.trainer.verbose))
+        self.restore(self.head_model, resume)
+        start = resume["state"]["epoch"] if resume else first_epoch
+        return fit_stage(self.head_model, self.skip_epochs(train, start - first_epoch), self.feature_dataset("val"),
+                         first_epoch=start, epochs=stage.epochs - (start - first_epoch), callbacks=callbacks,
+                         steps_per_epoch=self.steps_per_epoch, verbose=int(self.cfg.trainer.verbose))
 
     def feature_dataset(self, split: str):
         import tensorflow as tf
@@ -330,3 +412,17 @@ class TrainRun:
         return self.parts.backbone
 
 
+class EpochCheckpoint(keras.callbacks.Callback):
+    """At each epoch end, before the epoch's metrics go to MLflow: the run's checkpoint (weights,
+    optimizer, history), so a kill at any later point loses nothing of this epoch."""
+
+    def __init__(self, run: TrainRun, stage_index: int, stage_first_epoch: int):
+        super().__init__()
+        self.run, self.stage_index, self.stage_first_epoch = run, stage_index, stage_first_epoch
+        self.logs: dict[str, list[float]] = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.logs.setdefault(key, []).append(float(value))
+        self.run.save_checkpoint(self.stage_index, epoch + 1, self.stage_first_epoch, self.logs,
+                                 self.model.optimizer)

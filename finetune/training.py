@@ -1,12 +1,18 @@
 """Stages, optimizers, compile and fit: small verb-named steps the train command composes."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import keras
 
 from finetune import tracking
 from finetune.config import choice
+
+# Validation/test pipelines drop undecodable files (ignore_errors), so their length is unknown to Keras,
+# which then warns "Your input ran out of data" at the end of every validation pass: expected here. The
+# training pipeline repeats, so it never runs out.
+warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
 
 
 @dataclass
