@@ -18,7 +18,8 @@ through one `Session`:
 
 Local stores (sqlite, file paths) keep MLflow's plain calls: no journal, no extra cost.
 The journal is plain JSON (never pickle): a header line, one line per call ({"seq", "op", ...}), and
-{"sent": [...]} / {"rejected": seq} lines recording what a replay delivered.
+{"sent": [...]} / {"rejected": seq} / {"superseded": seq} lines recording what became of them. A run that
+is continued in the same folder (trainer.resume) replays what its killed process kept, except its end.
 """
 from __future__ import annotations
 
@@ -96,11 +97,14 @@ class Journal:
         self.entries: dict[int, dict] = {}  # seq -> entry, pending only
         self.next_seq = 0
         self.rejected: list[tuple[dict, str]] = []
+        self._torn = False
         if self.path.exists():
             self._load()
 
     def _load(self) -> None:
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        text = self.path.read_text(encoding="utf-8")
+        self._torn = bool(text) and not text.endswith("\n")  # the next record starts on a line of its own
+        for line in text.splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line torn by a kill
@@ -113,6 +117,8 @@ class Journal:
             elif "sent" in record:
                 for seq in record["sent"]:
                     self.entries.pop(int(seq), None)
+            elif "superseded" in record:
+                self.entries.pop(int(record["superseded"]), None)
             elif "rejected" in record:
                 entry = self.entries.pop(int(record["rejected"]), None)
                 if entry is not None:
@@ -122,6 +128,9 @@ class Journal:
         new = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as stream:
+            if self._torn:
+                stream.write("\n")
+                self._torn = False
             if new:
                 stream.write(json.dumps({"journal": "finetune tracking journal", "version": 1,
                                          **self.header}) + "\n")
@@ -146,6 +155,11 @@ class Journal:
         entry = self.entries.pop(seq, None)
         if entry is not None:
             self.rejected.append((entry, error))
+
+    def mark_superseded(self, seq: int) -> None:
+        """Not to be sent any more (a kept end of a run that is now being continued)."""
+        self._write({"superseded": seq})
+        self.entries.pop(seq, None)
 
     def pending(self) -> list[dict]:
         return [self.entries[seq] for seq in sorted(self.entries)]
@@ -242,6 +256,9 @@ class Session:
         self.blocked_s = 0.0  # time spent in calls that failed (what the outage cost training)
         self.outages = 0
         self.lock = threading.Lock()
+        for entry in self.journal.pending():  # this run is being continued (resumed): it has not ended
+            if entry["op"] == "end_run" and entry["run_id"] == run_id:
+                self.journal.mark_superseded(entry["seq"])
         if self.journal.entries:  # left by an earlier process of this run: replay at the first chance
             self.open_until = clock()
 

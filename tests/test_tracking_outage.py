@@ -152,6 +152,12 @@ def test_journal_survives_a_torn_line_and_is_picked_up_by_the_next_session(tmp_p
     client.up = True
     again.log_metrics({"loss": 0.5}, step=4)  # the first call replays what the last process kept
     assert [m[2] for m in client.metrics] == [3, 4]
+    client.up = False  # killed while the server is away: its end is kept too...
+    again.end("KILLED")
+    resumed = session(tmp_path, client, clock)  # ...but the run continued in this folder has not ended
+    client.up = True
+    resumed.log_metrics({"loss": 0.4}, step=5)
+    assert client.ended is None and [m[2] for m in client.metrics] == [3, 4, 5]
     lines = [json.loads(line) for line in s.journal.path.read_text().splitlines()[:1]]
     assert lines[0]["tracking_uri"] == "http://127.0.0.1:1" and lines[0]["run_id"] == "run1"
 
