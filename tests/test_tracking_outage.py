@@ -181,9 +181,16 @@ def test_unreachable_server_before_the_run_is_one_line_in_seconds():
 
     cfg = OmegaConf.create({"uri": f"http://127.0.0.1:{free_port()}", "experiment": "x",
                             "artifact_location": None})
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = tracking_utils._tracking_uri  # use_experiment sets the process's URI (and its env var)
     start = time.monotonic()
-    with pytest.raises(FinetuneError) as raised:
-        tracking.use_experiment(cfg)
+    try:
+        with pytest.raises(FinetuneError) as raised:
+            tracking.use_experiment(cfg)
+    finally:
+        mlflow.set_tracking_uri(saved)
     assert time.monotonic() - start < 15
     assert "is unreachable (connection refused); start it" in str(raised.value)
     assert "\n" not in str(raised.value)
