@@ -36,6 +36,7 @@ class TrainRun:
         self.resume = resume  # a loaded checkpoint (finetune.checkpoint) to continue from, or None
         self.checkpoints = Checkpoints(self.out) if cfg.trainer.get("checkpoint", False) else None
         self.backbone_changed = False  # once True, checkpoints hold the backbone's weights too
+        self.config_key = config_hash(cfg) if self.checkpoints is not None else None
 
     def execute(self) -> dict:
         keras.backend.clear_session()  # a fresh graph per run: sweeps run many jobs in one process
@@ -180,7 +181,7 @@ class TrainRun:
         state = {"stage": stage, "epoch": epoch, "stage_first_epoch": stage_first_epoch, "history": history,
                  "stage_starts": [list(s) for s in self.stage_starts], "backbone_changed": self.backbone_changed,
                  "run_id": mlflow.active_run().info.run_id if mlflow.active_run() else None,
-                 "config_hash": config_hash(self.cfg)}
+                 "config_hash": self.config_key}
         weights = weight_arrays(self.parts.backbone, self.parts.head, self.backbone_changed)
         self.checkpoints.save(state, weights, optimizer_arrays(optimizer) if optimizer is not None else None)
 
