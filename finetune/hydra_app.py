@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from finetune.cli import conf_dir
 from finetune.config import register_configs
 from finetune.errors import FinetuneError, did_you_mean
-from finetune.signals import Terminated
+from finetune.signals import Terminated, sigterm_raises
 
 # Flags after which composing the config ourselves first would be wrong or pointless.
 _NO_PRECHECK = {"-m", "--multirun", "-h", "--help", "--hydra-help", "-i", "--info", "-sc",
@@ -144,13 +144,16 @@ def _task(command: str):
 
                 result = run_isolated(command, cfg, output_dir)
             else:
-                result = module.run(cfg, output_dir)
+                with sigterm_raises():  # every command's MLflow run ends (FAILED/KILLED), never left RUNNING
+                    result = module.run(cfg, output_dir)
         except FinetuneError as error:
             if hydra_cfg.mode == RunMode.MULTIRUN:
                 raise
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
-        except Terminated as stop:  # the command already said what was kept; 128 + signal, as a shell would
+        except Terminated as stop:  # exit 128 + signal, as a shell would
+            if command != "train":  # train says itself what it kept and how to continue
+                print(f"finetune {command}: {stop}; its MLflow run ended FAILED", file=sys.stderr)
             sys.exit(128 + int(stop.signum))
         except KeyboardInterrupt:
             if hydra_cfg.mode == RunMode.MULTIRUN:
