@@ -13,6 +13,7 @@ Three formats are read:
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import zipfile
@@ -151,17 +152,24 @@ def check(key: str, value, spec, include_top: bool) -> WeightsFile:
         raise ConfigError(key, str(value), f"a Keras weights file (.weights.h5 / .h5 / .keras) for "
                                            f"{spec.name}, but {error}") from None
     want = f"{spec.name} include_top={str(include_top).lower()}"
-    if info.format == "keras3" and spec.family == "convnext":
-        return info  # ConvNeXt blocks hold Dense layers: a Keras 3 file cannot show a classifier by kind
-    if info.has_top and not include_top:
+    # ConvNeXt blocks hold Dense layers: its Keras 3 files cannot show a classifier by layer kind
+    top_known = not (info.format == "keras3" and spec.family == "convnext")
+    if top_known and info.has_top and not include_top:
         raise ConfigError(key, str(value), f"weights of {want}, but the file looks like a backbone WITH its "
                                            f"classifier (include_top=true; {info.summary()})",
                           "Use the no-top file (Keras names it ..._notop.h5) or set backbone.include_top=true "
                           "where the command allows it")
-    if include_top and not info.has_top and info.names is not None:
+    if top_known and include_top and not info.has_top and info.names is not None:
         raise ConfigError(key, str(value), f"weights of {want}, but the file looks like a backbone WITHOUT a "
                                            f"classifier (include_top=false; {info.summary()})",
                           "Set backbone.include_top=false or use the file with the classifier")
+    if info.format == "keras3":
+        skeleton = skeleton_kinds(spec, include_top)
+        if skeleton != info.kinds:
+            raise ConfigError(key, str(value), f"weights of {want} ({_kinds_text(skeleton)}), but the file holds "
+                                               f"{info.summary()}: saved from another architecture or depth",
+                              "Use a file saved from this backbone with the same include_top (finetune train "
+                              "logs backbone/backbone.weights.h5; extract writes one too)")
     if info.names:
         others = other_architectures(info.names, spec)
         if others is not None:
@@ -185,6 +193,29 @@ def other_architectures(names: list[str], spec) -> list[str] | None:
     return matches[:4]
 
 
+@functools.lru_cache(maxsize=8)  # the CLI's precheck and the command check the same file in one process
+def skeleton_kinds(spec, include_top: bool) -> Counter:
+    """Layer kind -> count of layers with weights of the backbone, from a random-weights build at its
+    smallest input size (the layers and their kinds do not depend on the size). Imports Keras: called
+    only for a Keras 3 weights file, whose automatic layer names tell nothing else; a few seconds,
+    instead of failing after the data is loaded."""
+    import keras
+
+    from finetune.backbones import build_backbone
+
+    size = max(spec.min_size, 32)
+    model = build_backbone(spec, weights=None, input_shape=(size, size, 3), include_top=include_top)
+    kinds = Counter(_class_kind(type(layer).__name__) for layer in model.layers if layer.weights)
+    del model
+    keras.backend.clear_session()
+    return Counter(kinds)
+
+
+def _kinds_text(kinds: Counter) -> str:
+    top = ", ".join(f"{n} {k}" for k, n in kinds.most_common(4))
+    return f"{sum(kinds.values())} layers with weights: {top}{', ...' if len(kinds) > 4 else ''}"
+
+
 def mismatch(spec, include_top: bool, model, info: WeightsFile | None, error: Exception) -> str:
     """`expected` text when Keras could not load the file into the built backbone: both structures."""
     built = Counter(_class_kind(type(layer).__name__) for layer in model.layers if layer.weights)
@@ -193,6 +224,9 @@ def mismatch(spec, include_top: bool, model, info: WeightsFile | None, error: Ex
             f"with weights: {kinds})")
     if info is None:
         return f"{want}; Keras could not load it ({type(error).__name__}: {str(error).splitlines()[0][:160]})"
+    if info.kinds == built:
+        return (f"{want}, but the file holds the same layers with other shapes: saved with another width "
+                "(alpha) or input-channel count")
     return (f"{want}, but the file holds {info.summary()}: it was saved from another architecture, depth "
             "or input-channel count")
 

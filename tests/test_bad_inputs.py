@@ -37,6 +37,8 @@ def files(tmp_path_factory):
                                    pooling="avg").save(root / "mnv2_notop.h5")
     keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(32, 32, 3), alpha=0.35,
                                    pooling="avg").save_weights(root / "mnv2_notop.weights.h5")
+    keras.applications.MobileNetV3Small(weights=None, include_top=False, input_shape=(32, 32, 3),
+                                        pooling="avg").save_weights(root / "mnv3_small.weights.h5")
     # a model with a Lambda layer (Python code in the file), as `finetune train` lays out a model folder
     model_dir = root / "lambda_model"
     model_dir.mkdir()
@@ -97,6 +99,9 @@ CASES = [
     ("weights_other_architecture", "train", ["backbone=vgg16", "backbone.input_shape=[32,32]",
                                              "backbone.weights={f}/mnv2_notop.h5"],
      ["backbone.weights", "vgg16", "looks like MobileNetV2", "104 layers"]),
+    ("weights_other_architecture_keras3", "train", [*SMALL, "backbone.weights={f}/mnv3_small.weights.h5"],
+     ["backbone.weights", "mobilenet_v2 include_top=false (104 layers", "the file holds 86 layers",
+      "another architecture"]),  # Keras' automatic layer names: compared with a skeleton build
     ("weights_without_top", "classify", ["backbone=mobilenet_v2", "backbone.weights={f}/mnv2_notop.h5",
                                           "backbone.input_shape=[32,32]", "images=[{f}/img.png]"],
      ["backbone.weights", "include_top=true", "WITHOUT a classifier"]),

@@ -199,16 +199,16 @@ def test_bad_configs_exit_2_with_one_line_and_no_run(cli, mlflow_client, tmp_pat
 
 
 def test_failure_inside_a_run_marks_it_failed(cli, mlflow_client, tmp_path):
-    """A weights file of another architecture in Keras 3's format (its layer names are Keras' automatic
-    ones, so only loading it into the built backbone tells): one line comparing the two, a FAILED run."""
+    """A weights file of the same layers with other shapes (MobileNetV2 at another width): the checks
+    before the run cannot tell, Keras' load into the built backbone fails: one line, a FAILED run."""
     import keras
 
-    other = tmp_path / "mnv3_small.weights.h5"
-    keras.applications.MobileNetV3Small(weights=None, include_top=False, input_shape=(32, 32, 3),
-                                        pooling="avg").save_weights(other)
+    other = tmp_path / "mnv2_alpha035.weights.h5"
+    keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(32, 32, 3), alpha=0.35,
+                                   pooling="avg").save_weights(other)
     result = cli("train", *TINY, *TINY_SHAPES, f"backbone.weights={other}", experiment="e2e_failed")
     line = one_error_line(result)
-    assert "backbone.weights" in line and "mobilenet_v2 include_top=false" in line and "the file holds" in line
+    assert "backbone.weights" in line and "mobilenet_v2 include_top=false" in line and "other shapes" in line
     (run,) = runs_of(mlflow_client, "e2e_failed")
     assert run.info.status == "FAILED"
     assert "backbone.weights" in run.data.tags["error"]
