@@ -11,9 +11,25 @@ from tests.conftest import TINY, TINY_SHAPES, runs_of
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory):
+    """A MobileNetV2 (32 px) weights file whose BatchNorm layers shift their outputs: a freshly initialised
+    MobileNetV2 in inference mode maps every image to nearly the same ~0 features; this one does not."""
+    import keras
+    import numpy as np
+
+    model = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(32, 32, 3))
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([gamma, rng.normal(0.5, 0.25, beta.shape).astype(beta.dtype), mean, var])
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_v2_32.weights.h5"
+    model.save_weights(path)
+    return path
+
+
 def frozen_run(cli, mlflow_client, backbone_file, experiment, *extra, cache_dir=None):
-    # the fixture's fine-tuned backbone: its BatchNorm statistics are trained, so its features are not ~0
-    # like a freshly initialised MobileNetV2's in inference mode
     result = cli("train", *TINY, *TINY_SHAPES, f"backbone.weights={backbone_file}", "freeze=all",
                  "trainer.epochs=3", "optimizer.lr=1e-2", *extra, experiment=experiment,
                  env={"FINETUNE_CACHE_DIR": str(cache_dir)})
@@ -22,8 +38,7 @@ def frozen_run(cli, mlflow_client, backbone_file, experiment, *extra, cache_dir=
     return result, run
 
 
-def test_frozen_training_extracts_once_then_reuses_the_features(cli, mlflow_client, trained_model, tmp_path):
-    backbone_file = trained_model["model_dir"].parent / "backbone.weights.h5"
+def test_frozen_training_extracts_once_then_reuses_the_features(cli, mlflow_client, backbone_file, tmp_path):
     run = functools.partial(frozen_run, cli, mlflow_client, backbone_file, cache_dir=tmp_path)  # its own cache
     first, miss = run("cache_miss")
     assert "feature cache miss (train)" in first.stdout and "feature cache miss (val)" in first.stdout
