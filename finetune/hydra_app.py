@@ -112,6 +112,11 @@ def explain_composition_error(error: BaseException) -> str:
         if wrong_type:
             return (f"{cause.full_key}: received {wrong_type.group(1)!r}; expected "
                     f"{_TYPE_NAMES.get(wrong_type.group(2), wrong_type.group(2))}")
+        bad_choice = re.match(r"Invalid value '(.*)', expected one of \[(.*)\]", first)
+        if bad_choice:  # an enum key (pooling, data.cache, data.on_bad_file, ...)
+            options = [o.strip() for o in bad_choice.group(2).split(",") if o.strip()]
+            return (f"{cause.full_key}: received {bad_choice.group(1)!r}; expected one of {', '.join(options)}"
+                    f"{did_you_mean(bad_choice.group(1), options)}")
         return f"{cause.full_key}: {first}"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return " ".join(lines[:2]) if lines else type(error).__name__

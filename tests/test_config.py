@@ -106,3 +106,11 @@ def test_every_command_config_composes(command, overrides):
         cfg = hydra.compose(command, overrides=overrides)
     assert cfg is not None
     assert precheck(command, ["bogus_key=1"]).startswith("bogus_key")
+
+
+def test_a_misspelt_choice_gets_did_you_mean():
+    from finetune.hydra_app import precheck
+
+    assert precheck("train", ["backbone.pooling=avgg"]) == (
+        "backbone.pooling: received 'avgg'; expected one of avg, max (did you mean 'avg'?)")
+    assert "(did you mean 'skip'?)" in precheck("train", ["data=folder", "data.path=/tmp", "data.on_bad_file=skp"])
