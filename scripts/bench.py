@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -1048,6 +1049,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 repetition (< 1 minute)")
     parser.add_argument("--rows", type=parse_rows, default=list(ALL_ROWS), help="rows to run, e.g. 1,4")
     parser.add_argument("--repeats", type=int, default=None, help="repetitions per number (3; smoke: 1)")
+    parser.add_argument("--frozen-backbones", default=None,
+                        help="rows 1 and 4 on these backbones only, e.g. mobilenet_v2 (default: all of the plan)")
     parser.add_argument("--out", type=Path, default=None,
                         help="Markdown file; the JSON goes beside it (default docs/benchmarks.md; smoke: a temp file)")
     args = parser.parse_args(argv)
@@ -1082,7 +1085,13 @@ def run_rows(bench: Bench, rows: list[int], peak: dict) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     plan = SMOKE if args.smoke else FULL
+    if args.frozen_backbones:
+        wanted = set(args.frozen_backbones.split(","))
+        plan = dataclasses.replace(plan, frozen_backbones=tuple(b for b in plan.frozen_backbones if b[0] in wanted))
+        if not plan.frozen_backbones:
+            raise SystemExit(f"--frozen-backbones: none of {sorted(wanted)} is in the plan")
     started = time.perf_counter()
+    machine = machine_info()  # now: the commit whose code this process imports and measures
     progress(f"{'smoke' if args.smoke else 'full'} benchmark, rows {args.rows}, {args.repeats} repetition(s)")
     from finetune.config import register_configs
 
@@ -1094,7 +1103,7 @@ def main(argv=None) -> int:
         progress("measuring this machine's fp32 matmul/conv2d throughput")
         peak = measure_fp32_peak(plan)
         results = run_rows(bench, args.rows, peak)
-    report = {"smoke": args.smoke, "rows_run": args.rows, "repeats": args.repeats, "machine": machine_info(),
+    report = {"smoke": args.smoke, "rows_run": args.rows, "repeats": args.repeats, "machine": machine,
               "fp32_peak": peak, "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan).items()},
               "process_max_rss_mb": max_rss_mb(), "wall_s": time.perf_counter() - started,
               "rows": {str(n): entries for n, entries in results.items()}}
