@@ -56,6 +56,7 @@ class TrainRun:
                 self.save_checkpoint(index + 1, epoch, epoch, {}, None)  # the next stage starts afresh
             if not hasattr(self, "model"):  # interrupted after the last stage: only the end is left
                 self.model = assemble(self.parts)
+                compile_model(self.model, self.cfg.optimizer, float(self.cfg.optimizer.lr), len(self.classes))
             metrics = self.evaluate()
             self.save_artifacts()
             if self.checkpoints is not None:  # the saved model supersedes it
