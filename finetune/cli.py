@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
+from finetune.config.paths import conf_dir  # noqa: F401 - earlier home of conf_dir (scripts import it)
 from finetune.errors import did_you_mean
 
 COMMANDS = {
@@ -29,15 +29,6 @@ Example: finetune train backbone=resnet50 freeze=last_n freeze.n=2 head=mlp data
 """
 
 
-def conf_dir() -> Path:
-    """conf/ beside the package in a source checkout, else the copy installed inside the package."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package.parent / "conf", package / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(f"finetune's conf/ folder is missing (looked beside and inside {package})")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -49,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{did_you_mean(command, COMMANDS)}", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING chatter
-    from finetune.hydra_app import precheck, run_app
+    from finetune.app.hydra_app import precheck, run_app
 
     message = precheck(command, rest)
     if message:

@@ -455,7 +455,7 @@ def backbone_pass_seconds(folders: Folders, name: str, px: int, plan: Plan, repe
 
 # ------------------------------------------------------------------------------------ finetune side
 def feature_cache_supported() -> bool:
-    from finetune.config import TrainerConfig
+    from finetune.config.schema import TrainerConfig
 
     return hasattr(TrainerConfig, "__dataclass_fields__") and "feature_cache" in TrainerConfig.__dataclass_fields__
 
@@ -463,7 +463,7 @@ def feature_cache_supported() -> bool:
 def compose(config_name: str, overrides: list[str]):
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from finetune.cli import conf_dir
+    from finetune.config.paths import conf_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="bench"):
         return hydra_compose(config_name=config_name, overrides=overrides)
@@ -530,7 +530,7 @@ class Bench:
         """train.run in-process; seconds of the call, plus what its MLflow run recorded of its phases.
         `cache`: the $FINETUNE_CACHE_DIR to use (default: a new, empty one)."""
         from finetune.commands import train
-        from finetune.sweep import RUN_ID_FILE
+        from finetune.sweep.parent import RUN_ID_FILE
 
         cfg = compose("train", overrides)
         out = self.fresh_path("runs")
@@ -599,8 +599,8 @@ def warm_up(bench: Bench) -> None:
 
     import finetune.commands.extract  # noqa: F401
     import finetune.commands.train  # noqa: F401
-    import finetune.reports  # noqa: F401 - matplotlib, sklearn
-    import finetune.runner  # noqa: F401
+    import finetune.train.reports  # noqa: F401 - matplotlib, sklearn
+    import finetune.train.run  # noqa: F401
     from finetune import tracking
 
     tracking.use_experiment(compose("train", bench.tracking_overrides()).tracking)
@@ -637,7 +637,7 @@ def trained_layers_and_flops(name: str, px: int, num_classes: int, policy: str, 
     layers), and the forward / training FLOPs per image of backbone + linear head (analytic count)."""
     import keras
 
-    from finetune.backbones import block_map, get_spec
+    from finetune.model.backbones import block_map, get_spec
 
     base = plain_backbone(name, px)
     blocks = block_map(get_spec(name), base)
@@ -881,10 +881,10 @@ def plain_stall(folders: Folders, name: str, px: int, num_classes: int, plan: Pl
 
 def finetune_stall(bench: "Bench", folders: Folders, name: str, px: int, num_classes: int) -> dict:
     from finetune.commands.train import prepare
-    from finetune.freeze import apply_freeze
-    from finetune.model import assemble, build_parts
-    from finetune.runner import TrainRun
-    from finetune.training import compile_model, fit_stage
+    from finetune.model.freeze import apply_freeze
+    from finetune.model.assemble import assemble, build_parts
+    from finetune.train.run import TrainRun
+    from finetune.train.stages import compile_model, fit_stage
 
     plan = bench.plan
     overrides = [*bench.train_overrides(folders, name, px), "freeze=all", "head=linear",
@@ -1093,7 +1093,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     machine = machine_info()  # now: the commit whose code this process imports and measures
     progress(f"{'smoke' if args.smoke else 'full'} benchmark, rows {args.rows}, {args.repeats} repetition(s)")
-    from finetune.config import register_configs
+    from finetune.config.schema import register_configs
 
     register_configs()
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as tmp:

@@ -30,7 +30,7 @@ def step_rate(name: str, policy: str, jit: bool, size: int, batch: int, steps: i
     import numpy as np
     import tensorflow as tf
 
-    from finetune.backbones import BACKBONES, build_backbone
+    from finetune.model.backbones import BACKBONES, build_backbone
 
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy(policy)
@@ -64,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     import tensorflow as tf
 
-    from finetune.compute import device_class
+    from finetune.train.compute import device_class
 
     device = device_class()
     policies = ["float32", "mixed_bfloat16"] + (["mixed_float16"] if device == "gpu" else [])

@@ -1,7 +1,7 @@
 """Write conf/backbone/<name>.yaml for every registered backbone (tests check they stay in sync)."""
 from pathlib import Path
 
-from finetune.backbones import BACKBONES
+from finetune.model.backbones import BACKBONES
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 

@@ -15,8 +15,8 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from finetune import backbones  # noqa: E402  (must not import TF; checked below)
-from finetune.backbones import BACKBONES, block_map, build_backbone, get_spec  # noqa: E402
+from finetune.model import backbones
+from finetune.model.backbones import BACKBONES, block_map, build_backbone, get_spec  # noqa: E402
 from finetune.errors import ConfigError  # noqa: E402
 
 POOLINGS = ("avg", "max", None)
@@ -109,7 +109,7 @@ def build_summary(name, pooling, include_top=False, size=None, classes=1000, ini
 
 
 def test_registry_is_importable_without_tensorflow():
-    code = ("import sys, finetune.backbones as b; b.get_spec('resnet50'); "
+    code = ("import sys, finetune.model.backbones as b; b.get_spec('resnet50'); "
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -253,7 +253,7 @@ def test_bad_files_in_val_path_and_classes_left_empty(tmp_path):
 
 
 def test_on_bad_file_is_in_the_folder_schema():
-    from finetune.hydra_app import precheck
+    from finetune.app.hydra_app import precheck
 
     assert precheck("train", ["data=folder", "data.path=/x", "data.on_bad_file=fail"]) is None
     message = precheck("train", ["data=folder", "data.path=/x", "data.on_bad_file=skp"])

@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from finetune.cli import conf_dir
+from finetune.config.paths import conf_dir
 from tests.conftest import one_error_line
 
 PACKAGE = conf_dir().parent / "finetune"
@@ -126,7 +126,7 @@ def test_lambda_model_loads_when_the_user_opts_in(files):
     import numpy as np
 
     from finetune.errors import ConfigError
-    from finetune.model_source import load_model
+    from finetune.model.load import load_model
 
     path = files / "lambda_model" / "model.keras"
     with pytest.raises(ConfigError, match="model_safe_mode=false"):
@@ -136,9 +136,9 @@ def test_lambda_model_loads_when_the_user_opts_in(files):
 
 
 def test_logging_factories_and_targets_outside_the_allow_list_are_refused():
-    from finetune.safety import check_targets
+    from finetune.app.guards import check_targets
 
-    ok = OmegaConf.create({"hydra": {"callbacks": {"m": {"_target_": "finetune.sweep.MlflowSweepCallback"}},
+    ok = OmegaConf.create({"hydra": {"callbacks": {"m": {"_target_": "finetune.sweep.parent.MlflowSweepCallback"}},
                                      "job_logging": {"handlers": {"h": {"class": "logging.StreamHandler",
                                                                         "stream": "ext://sys.stdout"}}}}})
     assert check_targets(ok) is None
@@ -154,7 +154,7 @@ def test_logging_factories_and_targets_outside_the_allow_list_are_refused():
 
 
 def test_every_shipped_config_passes_the_safety_checks():
-    from finetune.hydra_app import precheck
+    from finetune.app.hydra_app import precheck
 
     for command in ("train", "classify", "extract", "predict", "evaluate", "export", "compare", "cache"):
         assert precheck(command, []) is None, command
@@ -165,7 +165,7 @@ def test_every_shipped_config_passes_the_safety_checks():
 
 def test_nothing_a_user_loads_later_is_pickled():
     """Every np.load refuses pickles; pickle itself only hands a sweep job's config to its child process
-    over a pipe (finetune.isolated_job: in memory, never a file anyone loads later)."""
+    over a pipe (finetune.sweep.isolated_job: in memory, never a file anyone loads later)."""
     import re
 
     root = conf_dir().parent
@@ -195,7 +195,7 @@ def test_unwritable_output_folder(cli, mlflow_client, tmp_path):
 def test_the_right_weights_files_pass(files):
     """The checks refuse nothing that Keras loads correctly: the same backbone's no-top weights, in
     Keras 3 and legacy format, pass the CLI's precheck."""
-    from finetune.hydra_app import precheck
+    from finetune.app.hydra_app import precheck
 
     for name in ("mnv2_notop.weights.h5", "mnv2_notop.h5"):
         args = [*SMALL, f"backbone.weights={files / name}"]

@@ -6,9 +6,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.datasets import load_digits
 
-from finetune import batchnorm
-
-
+from finetune.model import batchnorm
 def test_momentum_for_short_runs_is_lower_than_keras_default():
     assert batchnorm.momentum_for(29) < 0.91
     assert batchnorm.momentum_for(10_000) == 0.99

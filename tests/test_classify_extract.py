@@ -88,7 +88,7 @@ def test_extract_matches_keras_predict(cli, mlflow_client, tmp_path, backbone_fi
                  f"extract.format={fmt}", f"extract.output={out}", experiment=f"e2e_extract_{fmt}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "images/s" in result.stdout
-    from finetune.features import read_features
+    from finetune.features.extract import read_features
 
     got = read_features(out)
     assert got["features"].shape == (12, 1280)
@@ -120,8 +120,8 @@ def test_train_on_features_then_reassembled_model_agrees(cli, mlflow_client, tmp
     run = next(r for r in runs_of(mlflow_client, "e2e_features") if "feature_file" in r.data.params)
     assert run.info.status == "FINISHED"
     local = mlflow_client.download_artifacts(run.info.run_id, "model", str(tmp_path / "dl"))
-    from finetune.features import read_features
-    from finetune.model_source import load_model
+    from finetune.features.extract import read_features
+    from finetune.model.load import load_model
 
     model = load_model(f"{local}/model.keras")
     feats = read_features(out)

@@ -1,10 +1,10 @@
 """trainer.precision / trainer.jit_compile: what auto picks, that it is recorded, and that lower
-precision stays within finetune.compute.ACCURACY_TOLERANCE of fp32."""
+precision stays within finetune.train.compute.ACCURACY_TOLERANCE of fp32."""
 from __future__ import annotations
 
 import pytest
 
-from finetune.compute import ACCURACY_TOLERANCE, choose
+from finetune.train.compute import ACCURACY_TOLERANCE, choose
 from tests.conftest import TINY, TINY_SHAPES, one_error_line, runs_of
 
 
@@ -37,7 +37,7 @@ def test_auto_precision_stays_within_tolerance_of_fp32_and_is_recorded(cli, mlfl
     """VGG16 (a family auto runs in bfloat16 on CPUs with bf16 units; random weights: VGG has no
     BatchNorm, so its features are informative) on the 1,797 digits: validation accuracy with `auto`
     within ACCURACY_TOLERANCE of fp32's. Where auto picks fp32 (no bf16 units), the two runs agree."""
-    from finetune.compute import choose, device_class_without_tf
+    from finetune.train.compute import choose, device_class_without_tf
 
     metrics = {}
     for precision in ("fp32", "auto"):

@@ -8,12 +8,12 @@ import hydra
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from finetune.backbones import BACKBONES
-from finetune.cli import conf_dir
-from finetune.config import register_configs
+from finetune.model.backbones import BACKBONES
+from finetune.config.paths import conf_dir
+from finetune.config.schema import register_configs
 from finetune.errors import ConfigError
-from finetune.hydra_app import precheck
-from finetune.validation import validate_train
+from finetune.app.hydra_app import precheck
+from finetune.app.checks import validate_train
 
 CONF = conf_dir()
 GROUPS = ["backbone", "freeze", "head", "data", "optimizer", "trainer", "tracking", "experiment"]
@@ -45,9 +45,9 @@ def test_backbone_group_lists_every_registered_model():
 
 
 def test_compose_and_validate_never_import_tensorflow():
-    code = ("import sys; from tests.test_config import compose; from finetune.validation import validate_train;"
+    code = ("import sys; from tests.test_config import compose; from finetune.app.checks import validate_train;"
             "validate_train(compose('backbone=resnet50', 'freeze=last_n', 'freeze.n=2', 'head=mlp'));"
-            "from finetune.hydra_app import precheck; assert precheck('train', ['backbone=vgg16']) is None;"
+            "from finetune.app.hydra_app import precheck; assert precheck('train', ['backbone=vgg16']) is None;"
             "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=CONF.parent, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -109,7 +109,7 @@ def test_every_command_config_composes(command, overrides):
 
 
 def test_a_misspelt_choice_gets_did_you_mean():
-    from finetune.hydra_app import precheck
+    from finetune.app.hydra_app import precheck
 
     assert precheck("train", ["backbone.pooling=avgg"]) == (
         "backbone.pooling: received 'avgg'; expected one of avg, max (did you mean 'avg'?)")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from finetune.backbones import get_spec
-from finetune.freeze import apply_freeze, format_plan
-from finetune.model import assemble, build_parts
+from finetune.model.backbones import get_spec
+from finetune.model.freeze import apply_freeze, format_plan
+from finetune.model.assemble import assemble, build_parts
 
 REPRESENTATIVE = ["vgg16", "resnet50", "inception_v3", "mobilenet_v2", "efficientnet_b0",
                   "convnext_tiny", "densenet121"]

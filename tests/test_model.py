@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from finetune.backbones import BACKBONES, get_spec
-from finetune.cli import conf_dir
-from finetune.config import register_configs
-from finetune.model import assemble, build_parts
-from finetune.preprocessing import BackbonePreprocess
+from finetune.model.backbones import BACKBONES, get_spec
+from finetune.config.paths import conf_dir
+from finetune.config.schema import register_configs
+from finetune.model.assemble import assemble, build_parts
+from finetune.model.preprocessing import BackbonePreprocess
 
 
 def compose(*overrides):

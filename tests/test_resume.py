@@ -34,7 +34,7 @@ def model_file(stdout: str) -> Path:
 def weights_of(path: Path) -> list[np.ndarray]:
     import keras
 
-    import finetune.preprocessing  # noqa: F401  registers the preprocessing layer
+    import finetune.model.preprocessing  # noqa: F401  registers the preprocessing layer
 
     return [np.asarray(w) for w in keras.saving.load_model(path, safe_mode=True, compile=False).get_weights()]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from mlflow.exceptions import MlflowException
 
-from finetune import tracking_buffer
-from finetune.tracking_buffer import Journal, Session, bounded_http, replay
+from finetune.tracking import outage as tracking_buffer
+from finetune.tracking.outage import Journal, Session, bounded_http, replay
 
 from .conftest import TINY, TINY_SHAPES, cli_command, cli_env
 
@@ -114,7 +114,7 @@ def test_server_down_at_the_end_then_replayed_later_once(tmp_path, capsys):
     s.log_artifact(artifact)
     summary = s.end("FINISHED")
     assert "not logged: 1 metric value, 1 param, 1 artifact, the run's end (FINISHED)" in summary
-    assert f"python -m finetune.tracking_buffer {s.journal.path}" in summary
+    assert f"python -m finetune.tracking.outage {s.journal.path}" in summary
     assert client.ended is None
 
     with pytest.raises(MlflowException):  # still down: nothing lost, nothing marked sent
@@ -279,7 +279,7 @@ def test_server_killed_mid_run_training_finishes_at_full_speed_and_replay_delive
         assert finished - killed_at < 120, (finished - killed_at, stderr[-2000:])
         assert stderr.count("is unreachable (") == 1  # one loud warning, not one per call
         journal = out / tracking_buffer.JOURNAL_NAME
-        assert f"python -m finetune.tracking_buffer {journal}" in summary
+        assert f"python -m finetune.tracking.outage {journal}" in summary
         assert "the run's end (FINISHED)" in summary
 
         kept = [json.loads(line) for line in journal.read_text().splitlines()]

@@ -63,7 +63,7 @@ def test_shapes_run_records_params_metrics_artifacts(cli, mlflow_client, store):
     # the logged model loads in Keras safe mode and carries its own preprocessing
     import keras
 
-    import finetune.preprocessing  # noqa: F401  registers BackbonePreprocess
+    import finetune.model.preprocessing  # noqa: F401  registers BackbonePreprocess
 
     local = mlflow_client.download_artifacts(run.info.run_id, "model", str(store / "download"))
     model = keras.saving.load_model(f"{local}/model.keras", safe_mode=True)

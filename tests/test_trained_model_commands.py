@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 
-from finetune import exporting
+from finetune.model import export as exporting
 from tests.conftest import one_error_line, runs_of
 
 pytestmark = pytest.mark.slow
@@ -33,8 +33,8 @@ def shapes(trained_model, cache_dir):
     """The fixture model's data: its config as the CLI composes it, the Dataset and the image folder."""
     from hydra import compose, initialize_config_dir
 
-    from finetune.cli import conf_dir
-    from finetune.config import register_configs
+    from finetune.config.paths import conf_dir
+    from finetune.config.schema import register_configs
     from finetune.data import load_dataset
 
     register_configs()
@@ -94,7 +94,7 @@ def test_predict_matches_direct_keras_predict(predictions, trained_model):
     import keras
     from PIL import Image
 
-    import finetune.preprocessing  # noqa: F401  registers BackbonePreprocess
+    import finetune.model.preprocessing  # noqa: F401  registers BackbonePreprocess
 
     model = keras.saving.load_model(str(trained_model["model_dir"] / "model.keras"), safe_mode=True)
     rows = {_real(r["path"]): r for r in predictions["json"]["predictions"]}
@@ -220,7 +220,7 @@ def test_float_exports_agree_and_land_in_the_models_run(cli, mlflow_client, trai
     assert (out / "saved_model" / "saved_model.pb").is_file() and (out / "label_map.json").is_file()
 
     # The files stand on their own: the .keras in safe mode and the TFLite in a bare interpreter.
-    from finetune.model_source import load_model
+    from finetune.model.load import load_model
 
     images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
     expected = load_model(out / "model.keras").predict_on_batch(images)

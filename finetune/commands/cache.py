@@ -1,15 +1,15 @@
-"""`finetune cache`: list or clear the feature cache (finetune.feature_cache)."""
+"""`finetune cache`: list or clear the feature cache (finetune.features.cache)."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from finetune.config import choice
+from finetune.config.schema import choice
 from finetune.errors import ConfigError
 
 
 def run(cfg, output_dir: Path) -> dict:
-    from finetune.feature_cache import FeatureCache
+    from finetune.features.cache import FeatureCache
 
     cache, options = FeatureCache(), cfg.cache
     entries = cache.entries()

@@ -6,10 +6,10 @@ import json
 import time
 from pathlib import Path
 
-from finetune.backbones import get_spec
+from finetune.model.backbones import get_spec
 from finetune.errors import ConfigError
-from finetune.images import list_images
-from finetune.validation import check_backbone
+from finetune.data.images import list_images
+from finetune.app.checks import check_classify
 
 CLASS_INDEX_URL = "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json"
 CLASS_INDEX_MD5 = "c2c37ea517e94d9795004a39431a14cb"  # the hash Keras checks
@@ -43,17 +43,6 @@ def run(cfg, output_dir: Path) -> dict:
     print_table(rows, int(cfg.classify.top_k))
     print(f"\n{len(images)} image(s) classified; table: {', '.join(str(f) for f in files)}; MLflow run {run_id}")
     return {"images": len(images)}
-
-
-def check_classify(cfg, spec) -> None:
-    if not cfg.backbone.include_top:
-        raise ConfigError("backbone.include_top", False,
-                          "true for classify (the ImageNet classifier is what labels the images)")
-    check_backbone(cfg.backbone, spec)
-    if cfg.classify.top_k < 1:
-        raise ConfigError("classify.top_k", cfg.classify.top_k, "an integer >= 1")
-    if cfg.classify.output and Path(cfg.classify.output).suffix not in (".csv", ".json"):
-        raise ConfigError("classify.output", cfg.classify.output, "a .csv or .json file name")
 
 
 def load_class_index(path) -> dict[int, tuple[str, str]]:
@@ -119,8 +108,8 @@ def classify_images(cfg, spec, images: list[str], class_index) -> list[dict]:
 def build_classifier(cfg, spec):
     import keras
 
-    from finetune.model import backbone_from_config
-    from finetune.preprocessing import BackbonePreprocess
+    from finetune.model.assemble import backbone_from_config
+    from finetune.model.preprocessing import BackbonePreprocess
 
     backbone, shape = backbone_from_config(cfg.backbone, spec)  # include_top checked above
     inputs = keras.Input(shape=shape, name="image")

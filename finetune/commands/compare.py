@@ -10,7 +10,7 @@ from finetune.errors import ConfigError
 def run(cfg, output_dir: Path) -> dict:
     from mlflow import MlflowClient
 
-    from finetune.tracking import tracking_uri
+    from finetune.tracking.store import tracking_uri
 
     options = cfg.compare
     client = MlflowClient(tracking_uri=tracking_uri(cfg.tracking))

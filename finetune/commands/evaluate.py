@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import ConfigError, DataError
-from finetune.tracking import metric_key
-from finetune.validation import positive_int
+from finetune.tracking.store import metric_key
+from finetune.app.checks import positive_int
 
 SPLITS = ("test", "val", "train")
 
@@ -35,7 +35,7 @@ def run(cfg, output_dir: Path) -> dict:
     dataset = load_dataset(cfg.data)
     split = _available_split(dataset, split)
 
-    from finetune.model_source import resolve_model
+    from finetune.model.load import resolve_model
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -125,8 +125,7 @@ def _predict_split(bundle, dataset, split: str, batch_size: int, safe_mode: bool
 def compute_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str], k: int):
     """({loss, accuracy, top<k>_accuracy, macro_f1, size}, {class: {precision, recall, f1, support}},
     confusion matrix). The loss is Keras' sparse categorical cross-entropy on probabilities."""
-    from finetune import reports
-
+    from finetune.train import reports
     eps = 1e-7  # keras.config.epsilon(): what Keras clips probabilities to before the log
     p = probs / np.sum(probs, axis=1, keepdims=True)
     true_p = np.clip(p[np.arange(len(labels)), labels], eps, 1 - eps)
@@ -153,8 +152,7 @@ def _write_files(out: Path, split, dataset_name, model_ref, classes, metrics, pe
                  probs, labels, paths) -> list[Path]:
     import csv
 
-    from finetune import reports
-
+    from finetune.train import reports
     folder = out / "evaluation" / split
     folder.mkdir(parents=True, exist_ok=True)
     predicted = np.argmax(probs, axis=1)
@@ -238,7 +236,7 @@ def _record(metrics: dict, tags: dict, files: list[Path], artifact_dir: str) -> 
 
 # -- summary --------------------------------------------------------------------------------------
 def _print_summary(metrics, per_class, classes, split, k, out, run_id, experiment_id, uri, where) -> None:
-    from finetune.tracking import ui_hint
+    from finetune.tracking.store import ui_hint
 
     print(f"\n== finetune evaluate: {split} split ==")
     for name in ("loss", "accuracy", f"top{k}_accuracy", "macro_f1"):

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune import exporting
+from finetune.model import export as exporting
 from finetune.errors import ConfigError, DataError
 
 
 def run(cfg, output_dir: Path) -> dict:
     formats, quantize = exporting.validate_options(cfg.export)  # before anything heavy
-    from finetune.model_source import resolve_model
+    from finetune.model.load import resolve_model
 
     output_dir = Path(output_dir)
     out = Path(cfg.export.output).expanduser() if cfg.export.output else output_dir

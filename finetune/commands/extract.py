@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 
 from finetune import files
-from finetune.backbones import get_spec
-from finetune.config import choice
-from finetune.features import MANIFEST, feature_model, write_features
-from finetune.validation import check_backbone
+from finetune.model.backbones import get_spec
+from finetune.config.schema import choice
+from finetune.features.extract import MANIFEST, feature_model, write_features
+from finetune.app.checks import check_backbone
 
 
 def run(cfg, output_dir: Path) -> dict:
     spec = get_spec(cfg.backbone.name)
     check_backbone(cfg.backbone, spec)
     from finetune.data import load_dataset
-    from finetune.images import list_images
+    from finetune.data.images import list_images
 
     images = list_images(cfg.images) if cfg.images else None
     dataset = None if images else load_dataset(cfg.data)
@@ -64,8 +64,8 @@ def run(cfg, output_dir: Path) -> dict:
 
 
 def extract(cfg, spec, dataset, images, out: Path) -> dict:
-    from finetune.model import backbone_from_config, weights_source
-    from finetune.preprocessing import BackbonePreprocess
+    from finetune.model.assemble import backbone_from_config, weights_source
+    from finetune.model.preprocessing import BackbonePreprocess
 
     backbone, shape = backbone_from_config(cfg.backbone, spec)
     weights = weights_source(cfg.backbone)

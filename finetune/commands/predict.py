@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import ConfigError, DataError
-from finetune.validation import positive_int
+from finetune.app.checks import positive_int
 
 OUTPUT_SUFFIXES = (".csv", ".json")
 MAX_ROWS_SHOWN = 200        # the printed table stops here; the files hold every image
@@ -32,11 +32,11 @@ def run(cfg, output_dir: Path) -> dict:
     top_k = positive_int("predict.top_k", opts.top_k)
     batch_size = positive_int("predict.batch_size", opts.batch_size)
     output = _output_path(opts.output)
-    from finetune.images import list_images
+    from finetune.data.images import list_images
 
     paths = list_images(cfg.images)
 
-    from finetune.model_source import resolve_model
+    from finetune.model.load import resolve_model
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

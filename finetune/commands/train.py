@@ -5,8 +5,9 @@ import os
 import sys
 from pathlib import Path
 
-from finetune.sweep import RUN_ID_FILE
-from finetune.validation import validate_train
+from finetune.config.schema import OBJECTIVE_METRIC
+from finetune.tracking.store import RUN_ID_FILE
+from finetune.app.checks import validate_train
 
 
 def run(cfg, output_dir: Path) -> dict:
@@ -16,8 +17,9 @@ def run(cfg, output_dir: Path) -> dict:
     so a bad combination shows in the sweep as a FAILED child run with its params and the error.
     An interrupted run of the same config (killed, or SIGTERM) is continued: same run directory, same
     MLflow run, from its last completed epoch (trainer.resume)."""
-    from finetune import checkpoint, tracking
-    from finetune.signals import Terminated, sigterm_raises
+    from finetune import tracking
+    from finetune.train import checkpoint
+    from finetune.app.signals import Terminated, sigterm_raises
     import mlflow
 
     tags = sweep_tags()
@@ -72,7 +74,7 @@ def find_interrupted(cfg, key: str, in_sweep: bool) -> dict | None:
     """{"out_dir", "run_id"} of the run to continue, or None for a new run."""
     import json
 
-    from finetune import checkpoint
+    from finetune.train import checkpoint
     from finetune.errors import ConfigError
 
     mode = str(cfg.trainer.resume)
@@ -101,7 +103,7 @@ def prepare(cfg):
 
     dataset = None if cfg.data.source == "features" else load_dataset(cfg.data)
     if dataset is None:
-        from finetune.features import read_features
+        from finetune.features.extract import read_features
 
         read_features(cfg.data.path)  # a missing/wrong folder fails here, before training
     return spec, dataset
@@ -125,7 +127,7 @@ def sweep_tags() -> dict:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from finetune.sweep import parent_run_id
+    from finetune.sweep.parent import parent_run_id
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return {}
@@ -138,16 +140,16 @@ def sweep_tags() -> dict:
 
 def _train_in_run(cfg, spec, dataset, output_dir: Path, resume: dict | None = None) -> dict:
     if dataset is None:
-        from finetune.feature_runner import FeatureRun
+        from finetune.train.feature_run import FeatureRun
 
         return FeatureRun(cfg, output_dir).execute()
-    from finetune.runner import TrainRun
+    from finetune.train.run import TrainRun
 
     return TrainRun(cfg, spec, dataset, output_dir, resume=resume).execute()
 
 
 def _print_summary(metrics, run_id, experiment_id, output_dir, uri) -> None:
-    from finetune.tracking import ui_hint
+    from finetune.tracking.store import ui_hint
 
     shown = {k: v for k, v in metrics.items() if k.startswith(("test_", "final_val_"))
              and not any(t in k for t in ("precision_", "recall_", "f1_"))}
@@ -162,4 +164,4 @@ def _print_summary(metrics, run_id, experiment_id, output_dir, uri) -> None:
 
 def objective(metrics: dict) -> float | None:
     """What a sweeper optimizes: the final validation accuracy."""
-    return metrics.get("final_val_accuracy")
+    return metrics.get(OBJECTIVE_METRIC)

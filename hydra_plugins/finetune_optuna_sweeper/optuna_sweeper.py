@@ -3,7 +3,7 @@
 Chosen over the published hydra-optuna-sweeper, which pins optuna<3 (and so cannot share an
 environment with MLflow 3's SQLAlchemy 2), restarts its trial budget on every run and leaves trials of a
 killed sweep RUNNING for ever. Here a failed job is a failed trial and the sweep goes on; the study
-resumes from its storage. The logic is in finetune.optuna_sweep.
+resumes from its storage. The logic is in finetune.sweep.optuna_study.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class FinetuneOptunaSweeper(Sweeper):
         self.max_consecutive_failures = int(max_consecutive_failures)
         self.params = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) \
             else dict(params or {})
-        from finetune.optuna_sweep import storage_url
+        from finetune.sweep.optuna_study import storage_url
 
         self.storage = storage_url(storage)
         self.job_idx = 0
@@ -42,8 +42,7 @@ class FinetuneOptunaSweeper(Sweeper):
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
 
     def sweep(self, arguments: list[str]) -> Any:
-        from finetune import sweep as mlflow_sweep
-
+        from finetune.sweep import parent as mlflow_sweep
         try:
             return self._sweep(arguments)
         except KeyboardInterrupt:
@@ -56,8 +55,7 @@ class FinetuneOptunaSweeper(Sweeper):
     def _sweep(self, arguments: list[str]) -> Any:
         import optuna
 
-        from finetune import optuna_sweep as osw
-
+        from finetune.sweep import optuna_study as osw
         space = osw.search_space(self.params, arguments)
         if not space.distributions:
             raise ValueError("Optuna sweeper: nothing to search; set hydra.sweeper.params or pass "
@@ -97,8 +95,7 @@ class FinetuneOptunaSweeper(Sweeper):
         """Record the job's result as the trial's; returns True when the trial failed."""
         import optuna
 
-        from finetune import optuna_sweep as osw
-
+        from finetune.sweep import optuna_study as osw
         run_id = osw.job_run_id(job)
         if run_id:
             study._storage.set_trial_user_attr(trial._trial_id, osw.RUN_ID, run_id)
@@ -119,7 +116,7 @@ class FinetuneOptunaSweeper(Sweeper):
 
     def _tag_run(self, run_id: str, number: int) -> None:
         try:
-            from finetune.sweep import _client
+            from finetune.sweep.parent import _client
 
             client, _ = _client(self.config)
             client.set_tag(run_id, "optuna.trial", str(number))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import keras
 
 from finetune import tracking
-from finetune.config import choice
+from finetune.config.schema import choice
 
 # Validation/test pipelines drop undecodable files (ignore_errors), so their length is unknown to Keras,
 # which then warns "Your input ran out of data" at the end of every validation pass: expected here. The

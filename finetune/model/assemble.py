@@ -6,11 +6,11 @@ from pathlib import Path
 
 import keras
 
-from finetune.backbones import BackboneSpec, block_map, build_backbone
-from finetune.config import choice
+from finetune.model.backbones import BackboneSpec, block_map, build_backbone
+from finetune.config.schema import choice
 from finetune.errors import ConfigError
-from finetune.heads import build_head
-from finetune.preprocessing import BackbonePreprocess
+from finetune.model.heads import build_head
+from finetune.model.preprocessing import BackbonePreprocess
 
 
 @dataclass
@@ -46,8 +46,8 @@ def weights_error(spec: BackboneSpec, weights, error: Exception, include_top: bo
             "Offline: use backbone.weights=null (random init), backbone.weights=<local weights file>, "
             "or copy the file into ~/.keras/models/ on this machine")
     if weights not in (None, "imagenet"):
-        from finetune.backbones import WeightsLoadError
-        from finetune.weights_file import mismatch, read
+        from finetune.model.backbones import WeightsLoadError
+        from finetune.model.weights_file import mismatch, read
 
         if isinstance(error, WeightsLoadError):
             try:

@@ -19,8 +19,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 PARENT_FILE = "mlflow_parent_run_id"
-RUN_ID_FILE = "mlflow_run_id"  # written by a train job into its output dir
-OBJECTIVE = "final_val_accuracy"
+from finetune.config.schema import OBJECTIVE_METRIC as OBJECTIVE
+from finetune.tracking.store import RUN_ID_FILE  # noqa: F401 - where sweep callers looked for it
 OPTUNA_SWEEPER = "hydra_plugins.finetune_optuna_sweeper."  # prefix of its _target_
 STUDY_TAG = "optuna.study"
 
@@ -50,7 +50,7 @@ def study_key(config: DictConfig) -> str | None:
     sweeper = config.hydra.sweeper
     if not continues_after_failures(config) or not sweeper.get("storage"):
         return None
-    from finetune.optuna_sweep import storage_url
+    from finetune.sweep.optuna_study import storage_url
 
     return f"{storage_url(str(sweeper.storage))}#{sweeper.study_name}"
 
@@ -97,7 +97,7 @@ class MlflowSweepCallback(Callback):
 
     @staticmethod
     def _new_parent(client, experiment_id, config, sweep_dir: Path, overrides: str, key) -> str:
-        from finetune.tracking import flatten
+        from finetune.tracking.store import flatten
 
         sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=True, enum_to_str=True)
         launcher = OmegaConf.to_container(config.hydra.launcher, resolve=True, enum_to_str=True)

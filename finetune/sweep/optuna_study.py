@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.tracking.store import RUN_ID_FILE
+
 INTERRUPTED = "interrupted"  # trial user attribute: the sweep stopped while this trial ran
 RUN_ID = "mlflow_run_id"  # trial user attribute: the job's MLflow run
 ERROR = "error"  # trial user attribute: why the job failed
@@ -199,8 +201,6 @@ def job_error(job_return) -> str | None:
 
 def job_run_id(job_return) -> str | None:
     """The MLflow run the job recorded itself in (train writes its id into the job's output dir)."""
-    from finetune.sweep import RUN_ID_FILE
-
     from omegaconf import OmegaConf
 
     folder = OmegaConf.select(job_return.hydra_cfg, "hydra.runtime.output_dir") if job_return.hydra_cfg else None

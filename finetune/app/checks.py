@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.backbones import BackboneSpec, get_spec
-from finetune.config import choice
+from finetune.model.backbones import BackboneSpec, get_spec
+from finetune.config.schema import choice
 from finetune.errors import ConfigError
 
 WEIGHTS_SUFFIXES = (".h5", ".keras")
@@ -62,7 +62,7 @@ def check_backbone(cfg_backbone, spec: BackboneSpec, top_pooling: bool = True) -
         if not path.name.endswith(WEIGHTS_SUFFIXES):
             raise ConfigError("backbone.weights", weights,
                               "a Keras weights file (.weights.h5, .h5) or a .keras model")
-        from finetune.weights_file import check as check_weights_file  # h5py, no TensorFlow
+        from finetune.model.weights_file import check as check_weights_file  # h5py, no TensorFlow
 
         check_weights_file("backbone.weights", weights, spec, bool(cfg_backbone.include_top))
     if top_pooling and cfg_backbone.include_top and cfg_backbone.pooling is not None:
@@ -146,6 +146,15 @@ def validate_command(command: str, cfg) -> None:
     elif command == "extract":
         check_backbone(cfg.backbone, get_spec(cfg.backbone.name))
     elif command == "classify":
-        from finetune.commands.classify import check_classify
-
         check_classify(cfg, get_spec(cfg.backbone.name))
+
+
+def check_classify(cfg, spec) -> None:
+    if not cfg.backbone.include_top:
+        raise ConfigError("backbone.include_top", False,
+                          "true for classify (the ImageNet classifier is what labels the images)")
+    check_backbone(cfg.backbone, spec)
+    if cfg.classify.top_k < 1:
+        raise ConfigError("classify.top_k", cfg.classify.top_k, "an integer >= 1")
+    if cfg.classify.output and Path(cfg.classify.output).suffix not in (".csv", ".json"):
+        raise ConfigError("classify.output", cfg.classify.output, "a .csv or .json file name")

@@ -11,10 +11,10 @@ import hydra
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from finetune.cli import conf_dir
-from finetune.config import register_configs
+from finetune.config.paths import conf_dir
+from finetune.config.schema import register_configs
 from finetune.errors import FinetuneError, did_you_mean
-from finetune.signals import Terminated, sigterm_raises
+from finetune.app.signals import Terminated, sigterm_raises
 
 # Flags after which composing the config ourselves first would be wrong or pointless.
 _NO_PRECHECK = {"-m", "--multirun", "-h", "--help", "--hydra-help", "-i", "--info", "-sc",
@@ -49,7 +49,7 @@ def overrides_of(args: list[str], multirun: bool = False) -> list[str] | None:
 def precheck(command: str, args: list[str]) -> str | None:
     """Compose the config once; return a one-line message for the first problem, else None.
 
-    Besides composition errors: `_target_`s and logging factories outside finetune.safety's
+    Besides composition errors: `_target_`s and logging factories outside finetune.app.guards's
     allow-list, and output paths that are unwritable or outside where finetune may write. A sweep
     (-m) is composed as Hydra composes it for a multirun; its composition errors stay Hydra's."""
     overrides, multirun = overrides_of(args), False
@@ -57,8 +57,7 @@ def precheck(command: str, args: list[str]) -> str | None:
         overrides, multirun = overrides_of(args, multirun=True), True
     if overrides is None:
         return None
-    from finetune import safety
-
+    from finetune.app import guards as safety
     register_configs()
     try:
         with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3", job_name=command):
@@ -78,7 +77,7 @@ def precheck(command: str, args: list[str]) -> str | None:
             problem = safety.check_output_paths(cfg, multirun=multirun)
             if problem or multirun:  # a sweep's jobs check their own values (a bad one: a FAILED child run)
                 return problem
-            from finetune.validation import validate_command
+            from finetune.app.checks import validate_command
 
             try:
                 validate_command(command, cfg)
@@ -145,7 +144,7 @@ def _task(command: str):
         output_dir = Path(hydra_cfg.runtime.output_dir)
         try:
             if hydra_cfg.mode == RunMode.MULTIRUN and OmegaConf.select(cfg, "trainer.isolate_sweep_jobs"):
-                from finetune.isolated_job import run_isolated
+                from finetune.sweep.isolated_job import run_isolated
 
                 result = run_isolated(command, cfg, output_dir)
             else:
@@ -211,7 +210,7 @@ def run_app(command: str, args: list[str]) -> int:
         print(text)
         return 0
     register_plugins()
-    from finetune.safety import install_guard
+    from finetune.app.guards import install_guard
 
     install_guard()
     sys.argv = [f"finetune {command}", *args]

@@ -162,9 +162,9 @@ def install_guard() -> None:
 # -- paths the command writes -----------------------------------------------------------------------
 def protected_folders() -> list[Path]:
     """finetune's code and configs: the package, conf/ and the hydra_plugins it ships."""
-    from finetune.cli import conf_dir
+    from finetune.config.paths import conf_dir
 
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     folders = [package, conf_dir().resolve()]
     plugins = package.parent / "hydra_plugins" / "finetune_optuna_sweeper"
     if plugins.is_dir():

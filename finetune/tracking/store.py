@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 
+RUN_ID_FILE = "mlflow_run_id"  # a run's id, written into its output dir (for sweepers and scripts)
 # MLflow's limits (mlflow.utils.validation): param values 6000 chars, keys 250, 100 params a batch.
 MAX_PARAM_VALUE = 6000
 MAX_PARAM_KEY = 250
@@ -40,7 +41,7 @@ def use_experiment(cfg_tracking) -> str:
 
     A remote server that cannot be reached gets a few seconds (2 retries), then one error line,
     instead of MLflow's default 7 retries with backoff (about 4 minutes) and a traceback."""
-    from finetune import tracking_buffer
+    from finetune.tracking import outage as tracking_buffer
     from finetune.errors import FinetuneError
 
     uri = tracking_uri(cfg_tracking)
@@ -93,25 +94,22 @@ def _param_value(value) -> str:
 
 
 # What a run logs goes through these: on a remote tracking server, through the run's
-# finetune.tracking_buffer session (bounded calls; journaled and replayed while the server is away);
+# finetune.tracking.outage session (bounded calls; journaled and replayed while the server is away);
 # otherwise (local stores, no session) straight to MLflow as always.
 def _session():
-    from finetune import tracking_buffer
-
+    from finetune.tracking import outage as tracking_buffer
     return tracking_buffer.current()
 
 
 def start_session(run_id: str, output_dir):
-    """Route the active run's logging through finetune.tracking_buffer (journal in output_dir)."""
-    from finetune import tracking_buffer
-
+    """Route the active run's logging through finetune.tracking.outage (journal in output_dir)."""
+    from finetune.tracking import outage as tracking_buffer
     return tracking_buffer.start(run_id, mlflow.get_tracking_uri(), output_dir)
 
 
 def end_run(status: str = "FINISHED") -> str | None:
     """End the active run: replay what an outage held back first; returns the outage summary, if any."""
-    from finetune import tracking_buffer
-
+    from finetune.tracking import outage as tracking_buffer
     return tracking_buffer.end_run(status)
 
 

@@ -12,6 +12,9 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+# what a train run returns to a sweeper and what `compare` ranks by default
+OBJECTIVE_METRIC = "final_val_accuracy"
+
 
 class Pooling(str, Enum):
     avg = "avg"
@@ -217,7 +220,7 @@ class TrainerConfig:
     # auto = use/extend the cache, refresh = recompute, off = run images through the backbone each epoch
     feature_cache: FeatureCacheMode = FeatureCacheMode.auto
     feature_cache_max_gb: float = 10.0  # least recently used entries go beyond this
-    # auto: what finetune.compute measured fastest for this device class and backbone family
+    # auto: what finetune.train.compute measured fastest for this device class and backbone family
     precision: Precision = Precision.auto
     jit_compile: str = "auto"  # auto | true | false (XLA)
     # A checkpoint at every epoch end (run dir/checkpoint/): a killed run continues from its last
@@ -372,7 +375,7 @@ class CompareOptions:
     sweep: Optional[str] = None
     # null = tracking.experiment
     experiment: Optional[str] = None
-    metric: str = "final_val_accuracy"
+    metric: str = OBJECTIVE_METRIC
     limit: int = 50
     # also write the table to this .csv file
     output: Optional[str] = None
@@ -414,7 +417,7 @@ class Direction(str, Enum):
 
 @dataclass
 class OptunaSweeperConfig:
-    """hydra/sweeper=finetune_optuna (see finetune.optuna_sweep for the search-space grammar)."""
+    """hydra/sweeper=finetune_optuna (see finetune.sweep.optuna_study for the search-space grammar)."""
     _target_: str = "hydra_plugins.finetune_optuna_sweeper.optuna_sweeper.FinetuneOptunaSweeper"
     sampler: OptunaSampler = OptunaSampler.tpe
     seed: Optional[int] = 0

@@ -11,13 +11,13 @@ import numpy as np
 import tensorflow as tf
 
 from finetune import tracking
-from finetune.backbones import build_backbone, get_spec
+from finetune.model.backbones import build_backbone, get_spec
 from finetune.errors import DataError
-from finetune.features import feature_model, read_features
-from finetune.heads import build_head
-from finetune.preprocessing import BackbonePreprocess
-from finetune.runner import TrainRun
-from finetune.training import MlflowEpochMetrics, compile_model, early_stopping, fit_stage
+from finetune.features.extract import feature_model, read_features
+from finetune.model.heads import build_head
+from finetune.model.preprocessing import BackbonePreprocess
+from finetune.train.run import TrainRun
+from finetune.train.stages import MlflowEpochMetrics, compile_model, early_stopping, fit_stage
 
 
 @dataclass

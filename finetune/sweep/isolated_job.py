@@ -47,7 +47,7 @@ def run_isolated(command: str, cfg: DictConfig, output_dir: Path):
     result_file.unlink(missing_ok=True)
     payload = pickle.dumps({"command": command, "cfg": cfg, "hydra": hydra_node, "output_dir": str(output_dir),
                             "result_file": str(result_file), "parent_pid": os.getpid()})
-    done = subprocess.run([sys.executable, "-m", "finetune.isolated_job"], input=payload, check=False)
+    done = subprocess.run([sys.executable, "-m", "finetune.sweep.isolated_job"], input=payload, check=False)
     outcome = json.loads(result_file.read_text()) if result_file.is_file() else {}
     result_file.unlink(missing_ok=True)
     if "result" in outcome:
@@ -74,7 +74,7 @@ def _child() -> int:
     _die_with(request["parent_pid"])
     from hydra.core.hydra_config import HydraConfig
 
-    from finetune.config import register_configs
+    from finetune.config.schema import register_configs
 
     register_configs()
     # What HydraConfig.set_config leaves, minus its check that the node is typed as Hydra's dataclass.

@@ -40,7 +40,7 @@ class ExportCheckError(FinetuneError):
 
 def validate_options(export) -> tuple[list[str], str]:
     """(formats without duplicates, in order; quantize) or a one-line ConfigError. Pure Python."""
-    from finetune.config import choice
+    from finetune.config.schema import choice
 
     formats = export.formats
     if formats is None or isinstance(formats, str) or len(formats) == 0:
@@ -78,7 +78,7 @@ def label(fmt: str, quantize: str) -> str:
 def load_for_export(path: Path, safe_mode: bool = True):
     """The model for inference: Keras safe mode, without its optimizer state (compile=False), which
     would otherwise triple the re-saved .keras of a model trained with Adam."""
-    from finetune.model_source import load_model  # registers finetune's layers
+    from finetune.model.load import load_model  # registers finetune's layers
 
     return load_model(path, safe_mode=safe_mode, compile=False)
 
@@ -135,7 +135,7 @@ def write_tflite(saved_model_dir: Path, path: Path, quantize: str, representativ
 
 # -- loaders: each returns predict(images) -> probabilities -------------------------------------------
 def keras_predictor(path: Path, safe_mode: bool = True):
-    from finetune.model_source import load_model
+    from finetune.model.load import load_model
 
     model = load_model(path, safe_mode=safe_mode)  # safe mode unless the user trusted the source model
     return lambda images: np.asarray(model.predict_on_batch(images), dtype=np.float32)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import keras
 
-from finetune.config import choice
+from finetune.config.schema import choice
 
 
 def build_head(cfg_head, num_classes: int) -> list:

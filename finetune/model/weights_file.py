@@ -180,7 +180,7 @@ def check(key: str, value, spec, include_top: bool) -> WeightsFile:
 
 def other_architectures(names: list[str], spec) -> list[str] | None:
     """None when the layer names fit `spec`; else the registered backbones (by constructor) they fit."""
-    from finetune.backbones import BACKBONES
+    from finetune.model.backbones import BACKBONES
 
     def fits(candidate) -> float:
         body = [n for n in names if n not in TOP_LAYERS]
@@ -201,7 +201,7 @@ def skeleton_kinds(spec, include_top: bool) -> Counter:
     instead of failing after the data is loaded."""
     import keras
 
-    from finetune.backbones import build_backbone
+    from finetune.model.backbones import build_backbone
 
     size = max(spec.min_size, 32)
     model = build_backbone(spec, weights=None, input_shape=(size, size, 3), include_top=include_top)

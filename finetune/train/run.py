@@ -12,15 +12,19 @@ import mlflow
 import numpy as np
 from omegaconf import OmegaConf
 
-from finetune import batchnorm, files, reports, tracking
-from finetune.checkpoint import (Checkpoints, assign_weights, config_hash, optimizer_arrays, restore_optimizer,
+from finetune import files, tracking
+
+from finetune.model import batchnorm
+
+from finetune.train import reports
+from finetune.train.checkpoint import (Checkpoints, assign_weights, config_hash, optimizer_arrays, restore_optimizer,
                                  weight_arrays)
-from finetune.compute import ComputeChoice, choose, device_class
-from finetune.config import choice
+from finetune.train.compute import ComputeChoice, choose, device_class
+from finetune.config.schema import choice
 from finetune.data import make_pipeline
-from finetune.freeze import apply_freeze, format_plan, plan_json, trained_batchnorm_layers
-from finetune.model import assemble, build_parts, weights_source
-from finetune.training import MlflowEpochMetrics, compile_model, early_stopping, fit_stage, resolve_stages
+from finetune.model.freeze import apply_freeze, format_plan, plan_json, trained_batchnorm_layers
+from finetune.model.assemble import assemble, build_parts, weights_source
+from finetune.train.stages import MlflowEpochMetrics, compile_model, early_stopping, fit_stage, resolve_stages
 
 
 class TrainRun:
@@ -33,7 +37,7 @@ class TrainRun:
         self.stage_starts: list[tuple[str, int]] = []
         self.feature_sets = None  # {"train"/"val"/"test": (features, labels)} while a stage uses them
         self.compute = ComputeChoice("fp32", False, "a head alone")  # execute() chooses for a backbone
-        self.resume = resume  # a loaded checkpoint (finetune.checkpoint) to continue from, or None
+        self.resume = resume  # a loaded checkpoint (finetune.train.checkpoint) to continue from, or None
         self.checkpoints = Checkpoints(self.out) if cfg.trainer.get("checkpoint", False) else None
         self.backbone_changed = False  # once True, checkpoints hold the backbone's weights too
         self.config_key = config_hash(cfg) if self.checkpoints is not None else None
@@ -171,7 +175,7 @@ class TrainRun:
         self.model = model
         return last_epoch
 
-    # -- checkpoints and resuming (finetune.checkpoint) --------------------------------------------------
+    # -- checkpoints and resuming (finetune.train.checkpoint) --------------------------------------------------
     def save_checkpoint(self, stage: int, epoch: int, stage_first_epoch: int, current: dict, optimizer) -> None:
         """`current`: this stage's epoch logs not yet in self.history; optimizer: mid-stage state or None."""
         if self.checkpoints is None:
@@ -274,7 +278,7 @@ class TrainRun:
         """(features, labels) of every split, from the feature cache or extracted (then stored)."""
         import time
 
-        from finetune.feature_cache import FeatureCache, cache_key, split_fingerprint, weights_digest
+        from finetune.features.cache import FeatureCache, cache_key, split_fingerprint, weights_digest
 
         cache = FeatureCache(max_gb=float(self.cfg.trainer.feature_cache_max_gb))
         refresh = choice(self.cfg.trainer.feature_cache) == "refresh"
@@ -311,7 +315,7 @@ class TrainRun:
         return sets
 
     def feature_extractor(self):
-        from finetune.features import feature_model
+        from finetune.features.extract import feature_model
 
         # the backbone's own output shape: the head was built for it (a Flatten head flattens itself)
         return feature_model(self.parts.backbone, self.parts.preprocess, self.input_shape(), None, flatten=False)

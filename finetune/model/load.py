@@ -44,7 +44,7 @@ def load_model(path, safe_mode: bool = True, compile: bool = True):
     when loaded: refused with one line unless the user opts in with model_safe_mode=false."""
     import keras
 
-    import finetune.preprocessing  # noqa: F401  registers BackbonePreprocess for deserialization
+    import finetune.model.preprocessing  # noqa: F401  registers BackbonePreprocess for deserialization
 
     try:
         return keras.saving.load_model(str(path), safe_mode=safe_mode, compile=compile)
@@ -121,7 +121,7 @@ def _bundle_from_mlflow(ref: str, cfg_tracking, download_dir: Path) -> ModelBund
 
     import mlflow
 
-    from finetune.tracking import tracking_uri
+    from finetune.tracking.store import tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file is noise here
     mlflow.set_tracking_uri(tracking_uri(cfg_tracking))
