@@ -11,7 +11,7 @@ from finetune.model.backbones import BACKBONES, get_spec
 from finetune.config.paths import conf_dir
 from finetune.config.schema import register_configs
 from finetune.model.assemble import assemble, build_parts
-from finetune.model.preprocessing import BackbonePreprocess
+from finetune.model.preprocessing import preprocessing
 
 
 def compose(*overrides):
@@ -34,8 +34,9 @@ def test_seed_vgg16_flatten_equals_the_hand_written_model():
     ])
     assert ours.count_params() == hand.count_params() == 57_193_290
     assert [tuple(w.shape) for w in ours.weights] == [tuple(w.shape) for w in hand.weights]
-    kinds = [type(layer).__name__ for layer in ours.layers if not isinstance(layer, BackbonePreprocess)]
-    assert kinds == ["InputLayer", "Functional", "Flatten", "Dense", "Dense"]
+    # the preprocessing (caffe: a channel flip op + a Rescaling layer) adds layers but no weights
+    kinds = [type(layer).__name__ for layer in ours.layers]
+    assert kinds == ["InputLayer", "Rescaling", "Functional", "Flatten", "Dense", "Dense"]
     assert ours.output_shape == (None, 10)
 
 
@@ -47,10 +48,10 @@ MODULE_OF = {"vgg": "vgg16", "resnet": "resnet", "resnet_v2": "resnet_v2", "ince
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_preprocess_layer_matches_keras_preprocess_input(name):
+def test_preprocessing_matches_keras_preprocess_input(name):
     spec = get_spec(name)
     module = getattr(keras.applications, MODULE_OF[spec.family])
     images = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
     want = module.preprocess_input(images.copy())
-    got = keras.ops.convert_to_numpy(BackbonePreprocess(spec.preprocess)(images))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    got = keras.ops.convert_to_numpy(preprocessing(spec.preprocess)(images))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)

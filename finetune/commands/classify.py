@@ -109,11 +109,11 @@ def build_classifier(cfg, spec):
     import keras
 
     from finetune.model.assemble import backbone_from_config
-    from finetune.model.preprocessing import BackbonePreprocess
+    from finetune.model.preprocessing import preprocessing
 
     backbone, shape = backbone_from_config(cfg.backbone, spec)  # include_top checked above
     inputs = keras.Input(shape=shape, name="image")
-    outputs = backbone(BackbonePreprocess(spec.preprocess, name="preprocess")(inputs), training=False)
+    outputs = backbone(preprocessing(spec.preprocess, name="preprocess")(inputs), training=False)
     return keras.Model(inputs, outputs, name=f"classify_{spec.name}")
 
 

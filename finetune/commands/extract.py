@@ -65,11 +65,11 @@ def run(cfg, output_dir: Path) -> dict:
 
 def extract(cfg, spec, dataset, images, out: Path) -> dict:
     from finetune.model.assemble import backbone_from_config, weights_source
-    from finetune.model.preprocessing import BackbonePreprocess
+    from finetune.model.preprocessing import preprocessing
 
     backbone, shape = backbone_from_config(cfg.backbone, spec)
     weights = weights_source(cfg.backbone)
-    model = feature_model(backbone, BackbonePreprocess(spec.preprocess, name="preprocess"), shape, cfg.extract.layer)
+    model = feature_model(backbone, preprocessing(spec.preprocess, name="preprocess"), shape, cfg.extract.layer)
     batches = list(_batches(cfg, dataset, images, shape[:2]))
     total = sum(len(b[2]) for b in batches)
     features, labels, paths, splits = [], [], [], []

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import keras
 
@@ -10,7 +11,7 @@ from finetune.model.backbones import BackboneSpec, block_map, build_backbone
 from finetune.config.schema import choice
 from finetune.errors import ConfigError
 from finetune.model.heads import build_head
-from finetune.model.preprocessing import BackbonePreprocess
+from finetune.model.preprocessing import preprocessing
 
 
 @dataclass
@@ -18,7 +19,7 @@ class Parts:
     """The pieces a model is assembled from; kept so each stage can re-assemble around them."""
     spec: BackboneSpec
     input_shape: tuple[int, int, int]
-    preprocess: keras.layers.Layer
+    preprocess: Callable          # preprocessing(spec.preprocess): built-in Keras layers and ops
     backbone: keras.Model
     head: list
     blocks: list
@@ -82,7 +83,7 @@ def backbone_from_config(cfg_backbone, spec: BackboneSpec):
 def build_parts(cfg_backbone, cfg_head, spec: BackboneSpec, num_classes: int) -> Parts:
     backbone, shape = backbone_from_config(cfg_backbone, spec)
     return Parts(spec=spec, input_shape=shape,
-                 preprocess=BackbonePreprocess(spec.preprocess, name="preprocess"),
+                 preprocess=preprocessing(spec.preprocess, name="preprocess"),
                  backbone=backbone, head=build_head(cfg_head, num_classes),
                  blocks=block_map(spec, backbone))
 
