@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import hydra
@@ -114,3 +115,25 @@ def test_a_misspelt_choice_gets_did_you_mean():
     assert precheck("train", ["backbone.pooling=avgg"]) == (
         "backbone.pooling: received 'avgg'; expected one of avg, max (did you mean 'avg'?)")
     assert "(did you mean 'skip'?)" in precheck("train", ["data=folder", "data.path=/tmp", "data.on_bad_file=skp"])
+
+
+def test_one_cache_base_directory(tmp_path, monkeypatch):
+    """$FINETUNE_CACHE_DIR (else ~/.cache/finetune) is worked out in config.paths alone, and every
+    store of finetune's lives under it."""
+    from finetune.config.paths import cache_dir
+    from finetune.data import scan, shapes
+    from finetune.features.cache import cache_root
+    from finetune.train.checkpoint import index_root
+
+    def stores():
+        return [cache_root(), index_root(), shapes.default_cache_dir(), scan.cache_file(str(tmp_path)).parent]
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "c"))
+    assert stores() == [tmp_path / "c" / p for p in ("features", "runs", "shapes", "scan")]
+    monkeypatch.delenv("FINETUNE_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir("x") == tmp_path / "home" / ".cache" / "finetune" / "x"
+    assert [p.parent for p in stores()] == [tmp_path / "home" / ".cache" / "finetune"] * 4
+    readers = [p.relative_to(CONF.parent) for p in (CONF.parent / "finetune").rglob("*.py")
+               if "FINETUNE_CACHE_DIR\")" in p.read_text() or "'FINETUNE_CACHE_DIR')" in p.read_text()]
+    assert readers == [Path("finetune/config/paths.py")]

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from finetune.config.paths import cache_dir
+
 # Formats tf.io.decode_image reads correctly (MPO: a camera JPEG with extra frames after the first).
 TF_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF"})
 FULL_DECODE_BYTES = 64 * 1024  # non-JPEG files up to this size are always decoded in full ...
@@ -173,11 +175,8 @@ def scan_files(paths, workers: int | None = None, cache: "str | os.PathLike | No
 def cache_file(root: str) -> "os.PathLike":
     """Where the verdicts for the dataset folder `root` are kept ($FINETUNE_CACHE_DIR/scan/...)."""
     import hashlib
-    from pathlib import Path
 
-    base = os.environ.get("FINETUNE_CACHE_DIR")
-    base = Path(base).expanduser() if base else Path("~/.cache/finetune").expanduser()
-    return base / "scan" / (hashlib.sha256(os.path.abspath(root).encode()).hexdigest()[:24] + ".json")
+    return cache_dir("scan", hashlib.sha256(os.path.abspath(root).encode()).hexdigest()[:24] + ".json")
 
 
 def _read_cache(path) -> dict:

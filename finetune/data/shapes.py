@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.config.paths import cache_dir
 from finetune.data._util import suggest
 from finetune.errors import ConfigError, DataError
 
@@ -190,10 +191,7 @@ def render(kind: str, index: int, image_size: int, seed: int) -> np.ndarray:
 # Cache folder
 # ---------------------------------------------------------------------------------------------
 def default_cache_dir() -> Path:
-    root = os.environ.get("FINETUNE_CACHE_DIR")
-    if root:
-        return Path(root).expanduser() / "shapes"
-    return Path("~/.cache/finetune/shapes").expanduser()
+    return cache_dir("shapes")
 
 
 def dataset_key(classes, num_per_class: int, image_size: int, seed: int) -> str:

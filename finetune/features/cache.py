@@ -24,15 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.config.paths import cache_dir
+
 # Bump when the decode/resize pipeline changes what a backbone sees.
 PIPELINE_VERSION = 1
 DEFAULT_MAX_GB = 10.0
 
 
 def cache_root() -> Path:
-    root = os.environ.get("FINETUNE_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path("~/.cache/finetune").expanduser()
-    return base / "features"
+    return cache_dir("features")
 
 
 def weights_digest(model) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune import files
+from finetune.config.paths import cache_dir
 
 STATE_FILE = "state.json"
 FOLDER = "checkpoint"
@@ -42,9 +43,7 @@ def config_hash(cfg) -> str:
 
 # -- the run index -------------------------------------------------------------------------------------
 def index_root() -> Path:
-    root = os.environ.get("FINETUNE_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path("~/.cache/finetune").expanduser()
-    return base / "runs"
+    return cache_dir("runs")
 
 
 def record_run(key: str, out_dir: Path, run_id: str) -> None:
