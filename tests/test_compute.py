@@ -12,6 +12,7 @@ from tests.conftest import TINY, TINY_SHAPES, one_error_line, runs_of
     ("cpu_bf16", "resnet", "mixed_bfloat16", False),   # measured 1.2x (ResNet50), 2.8x (VGG16) faster
     ("cpu_bf16", "vgg", "mixed_bfloat16", False),
     ("cpu_bf16", "mobilenet_v2", "fp32", False),       # measured 0.6x in bf16: stays fp32
+    ("cpu_bf16", "resnet_v2", "fp32", False),          # never measured: no bf16 by analogy with resnet
     ("cpu", "resnet", "fp32", False),                  # no bf16 units: emulated bf16 is slower
     ("gpu", "resnet", "fp32", False),                  # not measured on a GPU here: nothing assumed
 ])
