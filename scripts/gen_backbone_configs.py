@@ -8,11 +8,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 TEMPLATE = """\
 # {constructor} (keras.applications): native input {native}x{native}, minimum {minimum}x{minimum},
 # preprocessing '{preprocess}', blocks: {blocks}
+# weights (imagenet | null | a weights file), input_shape (null = native size), include_top and
+# pooling (avg | max | null) keep BackboneConfig's defaults (finetune/config/schema.py) unless set
 name: {name}
-weights: imagenet     # imagenet | null | path to a local weights file
-input_shape: null     # null = native size; e.g. [128, 128]
-include_top: false
-pooling: avg          # avg | max | null
 """
 
 if __name__ == "__main__":

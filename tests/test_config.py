@@ -1,6 +1,7 @@
 """Config composition and validation: every option composes, bad values get one line and exit 2."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 import sys
@@ -89,15 +90,19 @@ def test_cross_field_errors_name_the_key(overrides, key):
     assert "expected" in str(info.value)
 
 
-@pytest.mark.parametrize("command,overrides", [
-    ("classify", ["images=[a.jpg]"]),
-    ("extract", ["extract.layer=avg_pool", "extract.format=parquet"]),
-    ("predict", ["model=abc", "images=photos/"]),
-    ("evaluate", ["model=abc", "data=digits"]),
-    ("export", ["model=abc", "export.quantize=int8"]),
-    ("compare", ["compare.metric=final_val_loss"]),
+@pytest.mark.parametrize("command,overrides,expected", [
+    # expected: the overrides as they land, and one of the command's own defaults
+    ("classify", ["images=[a.jpg]"], {"images": ["a.jpg"], "backbone.include_top": True, "classify.top_k": 5}),
+    ("extract", ["extract.layer=avg_pool", "extract.format=parquet"],
+     {"extract.layer": "avg_pool", "extract.format": "parquet", "backbone.name": "mobilenet_v2"}),
+    ("predict", ["model=abc", "images=photos/"], {"model": "abc", "images": "photos/", "predict.top_k": 3}),
+    ("evaluate", ["model=abc", "data=digits"], {"model": "abc", "data.source": "digits", "evaluate.split": "test"}),
+    ("export", ["model=abc", "export.quantize=int8"], {"model": "abc", "export.quantize": "int8"}),
+    ("compare", ["compare.metric=final_val_loss"], {"compare.metric": "final_val_loss"}),
 ])
-def test_every_command_config_composes(command, overrides):
+def test_every_command_config_composes(command, overrides, expected):
+    from omegaconf import OmegaConf
+
     from finetune.cli import COMMANDS
 
     assert command in COMMANDS
@@ -105,7 +110,8 @@ def test_every_command_config_composes(command, overrides):
     GlobalHydra.instance().clear()
     with hydra.initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = hydra.compose(command, overrides=overrides)
-    assert cfg is not None
+    got = {key: OmegaConf.select(cfg, key) for key in expected}
+    assert {k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for k, v in got.items()} == expected
     assert precheck(command, ["bogus_key=1"]).startswith("bogus_key")
 
 
@@ -137,3 +143,118 @@ def test_one_cache_base_directory(tmp_path, monkeypatch):
     readers = [p.relative_to(CONF.parent) for p in (CONF.parent / "finetune").rglob("*.py")
                if "FINETUNE_CACHE_DIR\")" in p.read_text() or "'FINETUNE_CACHE_DIR')" in p.read_text()]
     assert readers == [Path("finetune/config/paths.py")]
+
+
+# -- one home per default: conf/ holds only what differs from the schema --------------------------
+def _schema_of(path):
+    """The dataclass a conf/ file is checked against, and the keys of the file that are not ours."""
+    import hydra_plugins.hydra_submitit_launcher.config as submitit
+
+    from finetune.config import schema
+
+    rel = path.relative_to(CONF)
+    group = rel.parts[0] if len(rel.parts) > 1 else None
+    commands = {"train": schema.TrainConfig, "classify": schema.ClassifyConfig, "extract": schema.ExtractConfig,
+                "predict": schema.PredictConfig, "evaluate": schema.EvaluateConfig, "export": schema.ExportConfig,
+                "compare": schema.CompareConfig, "cache": schema.CacheConfig}
+    if group is None:
+        return commands[rel.stem], {"defaults", "hydra"}  # hydra: Hydra's own settings, not our schema
+    if group == "data":
+        return DATA_SCHEMAS[rel.stem], {"defaults"}
+    if group in ("experiment", "hparams_search"):
+        return schema.TrainConfig, {"defaults"}
+    if rel.parts[:2] == ("hydra", "launcher"):
+        return submitit.SlurmQueueConf, {"defaults"}
+    return _field_type(schema.TrainConfig, group, None), {"defaults"}
+
+
+def _field_type(cls, key, data_option):
+    import typing
+
+    from finetune.config import schema
+
+    if cls is schema.TrainConfig and key == "hydra":  # hparams_search: hydra.sweeper is our sweeper's schema
+        return type("HydraSweeper", (), {"__annotations__": {"sweeper": schema.OptunaSweeperConfig}})
+    hint = typing.get_type_hints(cls)[key]
+    if key == "data" and hint is typing.Any:
+        return DATA_SCHEMAS[data_option]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+
+
+def _default(cls, key):
+    from enum import Enum
+
+    from omegaconf import MISSING
+
+    field = {f.name: f for f in dataclasses.fields(cls)}[key] if dataclasses.is_dataclass(cls) else None
+    if field is None:
+        return MISSING
+    value = field.default if field.default is not dataclasses.MISSING else (
+        field.default_factory() if field.default_factory is not dataclasses.MISSING else MISSING)
+    return value.value if isinstance(value, Enum) else value
+
+
+def _same_as_schema(node, cls, data_option, prefix=""):
+    """Keys of `node` (a conf/ file's content) whose value is the schema's default."""
+    import typing
+
+    same = []
+    for key, value in node.items():
+        key_type = _field_type(cls, key, data_option)
+        if isinstance(value, dict) and (dataclasses.is_dataclass(key_type) or hasattr(key_type, "__annotations__")):
+            same += _same_as_schema(value, key_type, data_option, f"{prefix}{key}.")
+        elif isinstance(value, list) and typing.get_args(key_type) and dataclasses.is_dataclass(
+                typing.get_args(key_type)[0]):
+            for i, item in enumerate(value):  # e.g. trainer.stages: each entry against StageConfig
+                same += _same_as_schema(item, typing.get_args(key_type)[0], data_option, f"{prefix}{key}[{i}].")
+        elif value == _default(cls, key) and not (isinstance(value, dict) and not value):
+            same.append(f"{prefix}{key}={value!r}")
+    return same
+
+
+DATA_SCHEMAS = {}
+
+
+@pytest.mark.parametrize("path", sorted(CONF.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONF)))
+def test_conf_files_hold_only_what_differs_from_the_schema(path):
+    """Every value in conf/ is a group selection (a defaults list) or differs from the schema's default,
+    so a default has one home (finetune/config/schema.py) and cannot drift back into two."""
+    from omegaconf import OmegaConf
+
+    from finetune.config import schema
+
+    DATA_SCHEMAS.update(shapes=schema.ShapesDataConfig, digits=schema.DigitsDataConfig,
+                        folder=schema.FolderDataConfig, tfds=schema.TfdsDataConfig,
+                        features=schema.FeaturesDataConfig)
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    cls, not_ours = _schema_of(path)
+    if path.parent.name == "hparams_search":
+        node = {"hydra": node.get("hydra", {})}
+        not_ours = set()
+    chosen = [d for d in node.get("defaults", []) if isinstance(d, dict) and "override /data" in d]
+    data_option = chosen[0]["override /data"] if chosen else "shapes"
+    same = _same_as_schema({k: v for k, v in node.items() if k not in not_ours}, cls, data_option)
+    assert not same, f"{path.relative_to(CONF)} repeats the schema's defaults: {', '.join(same)}"
+
+
+def test_the_defaults_check_catches_a_repeated_default():
+    from finetune.config import schema
+
+    DATA_SCHEMAS.update(shapes=schema.ShapesDataConfig)
+    repeated = {"n": 2, "batchnorm": "frozen", "name": "last_n"}
+    assert _same_as_schema(repeated, schema.FreezeConfig, "shapes") == ["n=2", "batchnorm='frozen'"]
+    stages = {"trainer": {"batch_size": 32, "stages": [{"name": "a", "lr_scale": 1.0}]}, "data": {"seed": 0}}
+    assert _same_as_schema(stages, schema.TrainConfig, "shapes") == [
+        "trainer.batch_size=32", "trainer.stages[0].lr_scale=1.0", "data.seed=0"]
+
+
+@pytest.mark.parametrize("overrides,n", [(["freeze=last_n"], 2), (["freeze=last_n", "freeze.n=3"], 3)])
+def test_freeze_n_has_one_default_also_for_stages(overrides, n):
+    """freeze.n is 2 unless set: for freeze=last_n, and for a stage with freeze: last_n and no n."""
+    from finetune.train.stages import resolve_stages
+
+    cfg = compose(*overrides)
+    assert cfg.freeze.n == n
+    staged = compose("trainer.stages=[{name: a, epochs: 1, freeze: last_n}]", *overrides[1:])
+    assert [(s.policy, s.n) for s in resolve_stages(staged)] == [("last_n", n)]

@@ -1,7 +1,10 @@
-"""Typed schema for every config group, registered in Hydra's ConfigStore.
+"""Typed schema for every config group, registered in Hydra's ConfigStore: the one home of defaults.
 
-Hydra checks types and unknown keys at compose time against these dataclasses; `validate()` adds the
-cross-field checks that need the backbone registry. Nothing here imports TensorFlow.
+Hydra checks types and unknown keys at compose time against these dataclasses; finetune.app.checks adds
+the cross-field rules. A file in conf/ holds only what differs from these defaults (tests/test_config.py
+checks it), and `name` is MISSING where the option file of a group names itself (the command's defaults
+list chooses the option). Data loaders called without Hydra take their defaults from here too
+(finetune.data.dataset.data_options). Nothing here imports TensorFlow.
 """
 from __future__ import annotations
 
@@ -86,15 +89,16 @@ class BackboneConfig:
 
 @dataclass
 class FreezeConfig:
-    name: FreezePolicy = FreezePolicy.all
-    # last_n: number of trailing blocks of the block map left trainable
-    n: int = 1
+    name: FreezePolicy = MISSING
+    # last_n: number of trailing blocks of the block map left trainable (also for a stage with
+    # freeze: last_n and no n of its own)
+    n: int = 2
     batchnorm: BatchNormPolicy = BatchNormPolicy.frozen
 
 
 @dataclass
 class HeadConfig:
-    name: HeadKind = HeadKind.linear
+    name: HeadKind = MISSING
     units: List[int] = field(default_factory=list)
     dropout: float = 0.2
     activation: str = "relu"
@@ -170,7 +174,7 @@ class FeaturesDataConfig(DataCommon):
 
 @dataclass
 class OptimizerConfig:
-    name: OptimizerKind = OptimizerKind.adam
+    name: OptimizerKind = MISSING
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
