@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,58 @@ LONGEST_FIRST = ["test_sweep.py", "test_optuna_sweep.py", "test_trained_model_co
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
+    unmarked = [item.nodeid for item in items if "cli" in item.fixturenames and not _is_slow(item)]
+    if unmarked:
+        raise pytest.UsageError("these tests use the `cli` fixture (directly or through a fixture) but are not "
+                                "marked slow: " + ", ".join(unmarked))
+
+
+# -- the fast tier (-m "not slow") runs no CLI ------------------------------------------------------------
+# Every test that runs the CLI is marked slow. Two guards keep it so: the collection check above (tests that
+# use the `cli` fixture, even through another fixture), and this audit hook for everything else (cli_command
+# with Popen, scripts/*): while a test that is not marked slow runs, starting the CLI in a subprocess raises.
+_current: list = []
+
+
+def _is_slow(item) -> bool:
+    return item.get_closest_marker("slow") is not None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _current.append(item)
+    try:
+        yield
+    finally:
+        _current.remove(item)
+
+
+def runs_the_cli(argv) -> bool:
+    """Whether a subprocess's argv starts finetune's CLI: `-m finetune[.x]`, the `finetune` script, or scripts/*."""
+    if isinstance(argv, (str, bytes, os.PathLike)):
+        text = os.fsdecode(argv)
+        try:
+            words = shlex.split(text)
+        except ValueError:  # unbalanced quotes
+            words = text.split()
+    else:
+        words = [os.fsdecode(a) for a in argv]
+    if not words or Path(words[0]).name == "finetune":
+        return bool(words)
+    for i, word in enumerate(words):
+        if word == "-m" and i + 1 < len(words) and words[i + 1].split(".")[0] == "finetune":
+            return True
+        if Path(word).parent.name == "scripts" and Path(word).suffix in (".py", ".sh") and "=" not in word:
+            return True
+        if " " in word and runs_the_cli(word):  # sh -c "finetune train ..."
+            return True
+    return False
+
+
+def _audit(event, args):
+    if event == "subprocess.Popen" and _current and not _is_slow(_current[-1]) and runs_the_cli(args[1]):
+        raise RuntimeError(f"{_current[-1].nodeid} runs the finetune CLI in a subprocess ({args[1]!r}) but is "
+                           "not marked slow: mark it @pytest.mark.slow (the fast tier, -m 'not slow', runs no CLI)")
+
+
+sys.addaudithook(_audit)

@@ -140,19 +140,66 @@ def test_shapes_pipeline_batch(tmp_path):
     assert sum(len(b[1]) for b in batches(make_pipeline(d, "test", 16, 4, training=False, seed=0))) == 3
     # Training epochs cover every image once, in a different order each epoch.
     ds = make_pipeline(d, "train", 16, 32, training=True, seed=0, cache="memory")
-    e1, e2 = (np.concatenate([b[1] for b in batches(ds)]) for _ in range(2))
-    assert sorted(e1.tolist()) == sorted(np.asarray(d.train.labels).tolist()) and len(e1) == 21
+    epochs = [[np.concatenate(part) for part in zip(*batches(ds))] for _ in range(2)]
+    fixed_x, fixed_y = (np.concatenate(part) for part in
+                        zip(*batches(make_pipeline(d, "train", 16, 32, training=False, seed=0, cache="off"))))
+    split = dict(zip((x.tobytes() for x in fixed_x), fixed_y.tolist()))  # image -> label, in file order
+    assert len(split) == len(d.train.labels) == 21
+    for x, y in epochs:
+        assert len(x) == 21 and dict(zip((image.tobytes() for image in x), y.tolist())) == split
+    (x1, _), (x2, _) = epochs
+    assert not np.array_equal(x1, x2)
 
 
 def test_shapes_config_errors(tmp_path):
+    from finetune.app.checks import check_data
+    from finetune.data import make_pipeline
+
     with pytest.raises(ConfigError, match="data.classes"):
         load_dataset(shapes_cfg(tmp_path, classes=["circle", "sqaure"]))
+    with pytest.raises(ConfigError, match="data.classes.*Did you mean 'square'"):
+        check_data(shapes_cfg(tmp_path, classes=["circle", "sqaure"]))  # the same check, before any work
     with pytest.raises(ConfigError, match="data.val_split"):
-        load_dataset(shapes_cfg(tmp_path, val_split=1.5))
-    with pytest.raises(ConfigError, match="data.cache"):
-        load_dataset(shapes_cfg(tmp_path, cache="disk"))
+        check_data(shapes_cfg(tmp_path, val_split=1.5))
+    d = load_dataset(shapes_cfg(tmp_path))
+    with pytest.raises(ConfigError, match="data.cache: received 'disk'; expected one of auto, memory, off"):
+        make_pipeline(d, "train", 16, 4, training=True, seed=0, cache="disk")
     with pytest.raises(ConfigError, match="data.name: received 'shape'.*Did you mean 'shapes'"):
         load_dataset(NS(name="shape"))
+
+
+def test_a_config_without_hydra_gets_the_schemas_defaults(tmp_path):
+    """load_dataset(plain config) fills what it leaves out from finetune.config.schema, their one home."""
+    from finetune.config.schema import ShapesDataConfig, TfdsDataConfig
+    from finetune.data import data_options
+
+    d = load_dataset(NS(name="shapes", cache_dir=str(tmp_path), num_per_class=10))
+    assert d.class_names == ShapesDataConfig().classes
+    assert d.sizes() == {"train": 42, "val": 12, "test": 6}  # val_split 0.2, test_split 0.1 of 10 per class
+    opts = data_options({"name": "tfds", "dataset": "mnist"}, "tfds")
+    defaults = TfdsDataConfig()
+    assert (opts.train_split, opts.val_split, opts.test_split) == (
+        defaults.train_split, defaults.val_split, defaults.test_split)
+    assert opts.dataset == "mnist" and opts.cache == "auto"  # keys beyond the schema kept; enums as strings
+
+
+def test_augmentations_are_a_registry_matching_the_schema(tmp_path):
+    """data.augment names one entry of finetune.data.augment.AUGMENTATIONS; flip mirrors images left-right."""
+    from finetune.config.schema import Augment
+    from finetune.data import AUGMENTATIONS, make_pipeline
+
+    assert sorted(AUGMENTATIONS) == sorted(a.value for a in Augment)
+    d = load_dataset(shapes_cfg(tmp_path))
+    with pytest.raises(ConfigError, match="data.augment: received 'flp'; expected one of flip, none.*'flip'"):
+        make_pipeline(d, "train", 16, 4, training=True, seed=0, augment="flp")
+    plain = {x.tobytes(): x for b in batches(make_pipeline(d, "train", 16, 32, training=False, seed=0))
+             for x in b[0]}
+    flipped = [x for b in batches(make_pipeline(d, "train", 16, 32, training=True, seed=0, augment="flip"))
+               for x in b[0]]
+    assert len(flipped) == len(plain) == 21
+    mirrored = [x.tobytes() not in plain for x in flipped]
+    assert all(x[:, ::-1].tobytes() in plain for x, m in zip(flipped, mirrored) if m)
+    assert 0 < sum(mirrored) < len(flipped)
 
 
 def test_many_shape_kinds_render():
@@ -288,9 +335,10 @@ def test_folder_check_does_not_import_tensorflow(tmp_path):
 @pytest.mark.parametrize("dataset,first_class", [("mnist", "0"), ("tf_flowers", "dandelion")])
 def test_tfds_mock(dataset, first_class, monkeypatch, tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    from finetune.data import make_pipeline, sources
+    from finetune.data import make_pipeline
+    from finetune.data import tfds as tfds_source
 
-    monkeypatch.setattr(sources, "network_reachable", lambda *a, **k: True)  # mock's prepare is a no-op
+    monkeypatch.setattr(tfds_source, "network_reachable", lambda *a, **k: True)  # mock's prepare is a no-op
     with tfds.testing.mock_data(num_examples=6):
         d = load_dataset(NS(name="tfds", dataset=dataset, data_dir=str(tmp_path)))
         assert d.class_names[0] == first_class and d.name == f"tfds:{dataset}"
@@ -309,8 +357,27 @@ def test_tfds_name_forms_and_unknown_name(tmp_path):
     assert source_of(NS(name="mnist", train_split="train")) == "tfds"
     with pytest.raises(ConfigError, match="data.dataset: received 'mnsit'.*Did you mean 'mnist'"):
         load_dataset(NS(name="tfds", dataset="mnsit", data_dir=str(tmp_path)))
-    with pytest.raises(ConfigError, match="data.val_split.*string"):
-        load_dataset(NS(name="tfds", dataset="mnist", val_split=0.2, data_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="data.name: received 'mnsit'.*Did you mean 'mnist'"):
+        load_dataset(NS(source="tfds", name="mnsit", data_dir=str(tmp_path)))
+
+
+def test_tfds_hints_name_keys_hydra_accepts():
+    """Every fix a tfds error suggests is an override that composes (data.name, never data.dataset), and
+    a fraction where tfds wants a split string is refused before anything is read."""
+    import re
+
+    from finetune.app.hydra_app import precheck
+    from tests.test_config import compose
+
+    message = precheck("train", ["data=tfds", "data.name=tfds"])
+    assert message.startswith("data.name: ") and "data.dataset" not in message, message
+    (fix,) = re.findall(r"set (data\.\S+=\S+)", message)
+    assert compose("data=tfds", fix).data.name == "tf_flowers"
+    with pytest.raises(Exception, match="dataset"):
+        compose("data=tfds", "data.dataset=tf_flowers")  # the key the old hint named: Hydra refuses it
+    assert precheck("train", ["data=tfds", "data.val_split=0.2"]) == (
+        "data.val_split: received '0.2'; expected a tfds split string like 'train[80%:90%]' (tfds splits are "
+        "strings, not fractions)")
 
 
 def test_tfds_offline_error_is_fast(tmp_path, monkeypatch):

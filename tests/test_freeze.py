@@ -62,14 +62,18 @@ def test_trainable_weights_match_each_policy(name):
 
 
 def test_vgg16_last_block_has_the_known_parameter_count():
-    parts = parts_for("vgg16")
-    plan = apply_freeze(parts.backbone, parts.blocks, "last_n", 1)
-    assert [b.name for b in plan][-1] == "top" or plan[-1].name == "block5"
-    trainable = {b.name: b.trainable_params for b in plan if b.trainable}
-    assert trainable == {plan[-1].name: plan[-1].trainable_params}
     # block5: three 3x3 convolutions 512 -> 512 with biases
-    block5 = next(b for b in plan if b.name == "block5")
-    assert block5.trainable_params + block5.frozen_params == 3 * (3 * 3 * 512 * 512 + 512)
+    block5 = 3 * (3 * 3 * 512 * 512 + 512)
+    parts = parts_for("vgg16", pooling=None)  # no pooling: block5 is the last block
+    plan = apply_freeze(parts.backbone, parts.blocks, "last_n", 1)
+    assert [b.name for b in plan] == ["stem", "block1", "block2", "block3", "block4", "block5"]
+    assert {b.name: b.trainable_params for b in plan if b.trainable} == {"block5": block5}
+    assert sum(b.frozen_params for b in plan) == parts.backbone.count_params() - block5
+    # with pooling, "top" (the pooling layer, no weights) is the last block: last_n counts it
+    parts = parts_for("vgg16", pooling="avg")
+    plan = apply_freeze(parts.backbone, parts.blocks, "last_n", 2)
+    assert [b.name for b in plan][-2:] == ["block5", "top"]
+    assert {b.name: b.trainable_params for b in plan if b.trainable} == {"block5": block5, "top": 0}
 
 
 def test_batchnorm_train_policy_keeps_bn_trainable_in_frozen_blocks():
