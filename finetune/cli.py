@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: command: received {command!r}; expected one of {', '.join(COMMANDS)}"
               f"{did_you_mean(command, COMMANDS)}", file=sys.stderr)
         return 2
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING chatter
+    from finetune.app.tf_logs import quiet_tensorflow
+
+    quiet_tensorflow()  # TensorFlow's start-up lines off the terminal, unless FINETUNE_TF_LOGS=1
     from finetune.app.hydra_app import precheck, run_app
 
     message = precheck(command, rest)

@@ -72,6 +72,9 @@ def _die_with(parent_pid: int) -> None:
 def _child() -> int:
     request = pickle.loads(sys.stdin.buffer.read())
     _die_with(request["parent_pid"])
+    from finetune.app.tf_logs import quiet_tensorflow
+
+    quiet_tensorflow()  # as the CLI does: TensorFlow's start-up lines off the terminal (FINETUNE_TF_LOGS=1 shows them)
     from hydra.core.hydra_config import HydraConfig
 
     from finetune.config.schema import register_configs
