@@ -75,6 +75,13 @@ CASES = [
     ("run_dir_escapes", "train", ["hydra.run.dir=../../escape"], ["hydra.run.dir", "'..'", "working directory"]),
     ("sweep_dir_under_file", "train", ["-m", "hydra.sweep.dir={f}/afile/sweep", "trainer.epochs=0,1"],
      ["hydra.sweep.dir", "is a file"]),
+    # a multirun whose config does not compose: its overrides are still checked, then one line, exit 2
+    ("sweep_into_package_not_composing", "train", ["-m", "hydra.sweep.dir={pkg}/sweep", "trainer.epoc=1",
+                                                   "trainer.epochs=0,1"], ["hydra.sweep.dir", "finetune's own code"]),
+    ("target_swept_not_composing", "train", ["-m", "+hydra.callbacks.evil._target_=finetune.cli.main,os.system"],
+     ["hydra.callbacks.evil._target_", "'os.system'"]),  # Hydra refuses a sweep over its config, after this
+    ("sweep_not_composing", "train", ["-m", "trainer.epoc=1", "trainer.epochs=0,1"],
+     ["trainer.epoc", "did you mean 'epochs'"]),
     ("extract_into_conf", "extract", ["extract.output={conf}/features"], ["extract.output", "finetune's own code"]),
     ("predict_into_package", "predict", ["model=x", "images=[a.png]", "predict.output={pkg}/out.csv"],
      ["predict.output", "finetune's own code"]),
@@ -161,6 +168,23 @@ def test_every_shipped_config_passes_the_safety_checks():
     for sweep in (["hydra/launcher=joblib"], ["hydra/launcher=submitit_local"], ["hydra/launcher=slurm"],
                   ["hparams_search=head_optuna"], ["optimizer.lr=1e-3,1e-4"]):
         assert precheck("train", ["-m", *sweep]) is None, sweep
+
+
+def test_a_sweep_is_checked_value_by_value_even_where_it_does_not_compose():
+    """A multirun's composed config holds none of its sweep values, and a composition error used to skip
+    every check: each value is checked on its own, before composing."""
+    from finetune.app.hydra_app import precheck
+
+    not_composing = ["trainer.epoc=1", "trainer.epochs=0,1"]
+    for sweep, needles in [
+        ([f"hydra.sweep.dir={PACKAGE}/sweep", *not_composing], ["hydra.sweep.dir", "finetune's own code"]),
+        (["+hydra.callbacks.evil._target_=finetune.cli.main,os.system"], ["_target_", "'os.system'"]),
+        (["+trainer.callbacks._target_=finetune.cli.main,os.system", "trainer.epochs=0,1"], ["'os.system'"]),
+        (["extract.output=features,{pkg}/features".format(pkg=PACKAGE), *not_composing], ["extract.output"]),
+        (not_composing, ["trainer.epoc", "did you mean 'epochs'"]),
+    ]:
+        message = precheck("train", ["-m", *sweep])
+        assert message and [n for n in needles if n not in message] == [], (sweep, message)
 
 
 def test_nothing_a_user_loads_later_is_pickled():

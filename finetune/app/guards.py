@@ -41,6 +41,9 @@ ENV_ALLOWED = "FINETUNE_ALLOWED_TARGETS"
 # (key, what it names): folders a command creates and writes, and single files it writes
 OUTPUT_FOLDERS = ("extract.output", "export.output")
 OUTPUT_FILES = ("predict.output", "classify.output", "compare.output")
+# other keys the path checks read: the tracking store and data=folder's dataset folders
+CHECKED_INPUTS = ("tracking.uri", "tracking.artifact_location", "data.source", "data.path", "data.val_path",
+                  "data.test_path")
 
 
 def _extra_prefixes() -> tuple[str, ...]:
@@ -130,6 +133,48 @@ def _defined_in_module(target: str) -> bool:
         return isinstance(owner, ast.ClassDef) and any(
             isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == rest[1] for n in owner.body)
     return True
+
+
+def check_overrides(overrides: list[str], multirun: bool = True) -> str | None:
+    """The checks above and below on what the command-line overrides themselves set, each value of a
+    sweep on its own: a multirun's config holds none of its sweep values (each job composes its own), and
+    an unsafe override is refused even where the config does not compose. Only the keys those checks
+    read are taken (`_target_`s, logging factories, output paths, the tracking store, dataset folders)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 - a syntax error: composing reports it
+        return None
+    fixed, swept = {}, []
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_delete() or override.package is not None or not _checked_key(key):
+            continue
+        if not override.is_sweep_override():
+            fixed[key] = override.value()
+        elif override.is_choice_sweep() or override.is_range_sweep():
+            try:
+                swept += [(key, value) for value in override.sweep_iterator()]
+            except Exception:  # noqa: BLE001 - a glob over config files: not a value these checks read
+                continue
+    for values in [fixed] + [{**fixed, key: value} for key, value in swept]:
+        cfg = OmegaConf.create()
+        for key, value in values.items():
+            try:
+                OmegaConf.update(cfg, key, value, force_add=True)
+            except Exception:  # noqa: BLE001 - a key under another override's plain value: composing reports it
+                continue
+        problem = check_targets(cfg) or check_output_paths(cfg, multirun=multirun)
+        if problem:
+            return problem
+    return None
+
+
+def _checked_key(key: str) -> bool:
+    leaf = key.rsplit(".", 1)[-1]
+    return (leaf == "_target_" or key.startswith(("hydra.job_logging", "hydra.hydra_logging"))
+            or key in ("hydra.run.dir", "hydra.sweep.dir", *OUTPUT_FOLDERS, *OUTPUT_FILES, *CHECKED_INPUTS))
 
 
 def install_guard() -> None:
