@@ -258,3 +258,50 @@ def test_freeze_n_has_one_default_also_for_stages(overrides, n):
     assert cfg.freeze.n == n
     staged = compose("trainer.stages=[{name: a, epochs: 1, freeze: last_n}]", *overrides[1:])
     assert [(s.policy, s.n) for s in resolve_stages(staged)] == [("last_n", n)]
+
+
+# -- the split rule: one function (finetune.app.checks.check_split), every command --------------------
+@pytest.mark.parametrize("val,test,val_path,key", [
+    (0.2, 0.1, None, None),
+    (0.6, 0.3, None, None),         # 0.8999999999999999
+    (0.5, 0.4, None, None),         # 0.9 exactly: 10% of each class still trains
+    (0.5, 0.45, None, "data.val_split"),
+    (0.0, 0.95, None, "data.val_split"),
+    (1.0, 0.0, None, "data.val_split"),
+    (-0.1, 0.1, None, "data.val_split"),
+    (0.2, 1.0, None, "data.test_split"),
+    (True, 0.0, None, "data.val_split"),
+    (0.0, 0.1, None, "data.val_split"),
+    (0.0, 0.1, "val/", None),       # a separate validation folder: no fraction needed
+])
+def test_the_split_rule(val, test, val_path, key):
+    from finetune.app.checks import check_split
+
+    if key is None:
+        check_split(val, test, val_path)
+        return
+    with pytest.raises(ConfigError) as info:
+        check_split(val, test, val_path)
+    assert info.value.key == key and "\n" not in str(info.value)
+
+
+def test_every_command_and_source_applies_the_one_split_rule():
+    """The same values get the same one line from train, extract and evaluate, for each source that splits
+    (before, train refused val+test >= 0.9 while the data sources let anything < 1 through)."""
+    over = ["data.val_split=0.5", "data.test_split=0.45"]
+    expected = ("data.val_split: received 0.5; expected val_split + test_split <= 0.9 (test_split=0.45), so "
+                "that at least 10% of each class's images train")
+    for data in (["data=digits"], ["data=shapes"], ["data=folder", f"data.path={CONF}"]):
+        assert precheck("train", [*data, *over]) == expected
+        assert precheck("extract", [*data, *over]) == expected
+        assert precheck("evaluate", ["model=abc", *data, *over]) == expected
+    assert precheck("evaluate", ["model=abc", "data=digits", "data.val_split=0.5", "data.test_split=0.4"]) is None
+
+
+@pytest.mark.slow
+def test_the_split_rule_through_the_cli(cli):
+    from tests.conftest import one_error_line
+
+    line = one_error_line(cli("evaluate", "model=abc", "data=digits", "data.val_split=0.5", "data.test_split=0.45"))
+    assert line == ("error: data.val_split: received 0.5; expected val_split + test_split <= 0.9 "
+                    "(test_split=0.45), so that at least 10% of each class's images train")

@@ -113,9 +113,9 @@ def test_tfds_run_on_mock_data(mlflow_client, store, cache_dir, tmp_path):
         import sys
         import tensorflow_datasets as tfds
         from finetune.cli import main
-        from finetune.data import sources
+        from finetune.data import tfds as tfds_source
         # mock_data replaces the download; the reachability pre-check must see "online" too
-        sources.network_reachable = lambda *args, **kwargs: True
+        tfds_source.network_reachable = lambda *args, **kwargs: True
         with tfds.testing.mock_data(num_examples=24):
             sys.exit(main(sys.argv[1:]))
     """)

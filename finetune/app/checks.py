@@ -1,17 +1,27 @@
-"""Cross-field checks of a composed config, before TensorFlow is imported or anything is downloaded.
+"""Every cross-field rule of a composed config, in one module, checked before TensorFlow is imported or
+anything is downloaded (the CLI's precheck runs `validate_command`; train runs its checks again in-process).
 
-Hydra already rejects unknown keys and wrong types against the schema in `config.py`; these are the
-rules that need the backbone registry or more than one key.
+Hydra already rejects unknown keys, wrong types and unknown choices against the schema
+(finetune/config/schema.py); these are the rules that need the backbone registry, a weights file, or
+more than one key. What can only be checked with the data in hand (an empty split, a tfds split the
+dataset lacks, a bad image file) is checked by finetune.data when it reads the data.
 """
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 
-from finetune.model.backbones import BackboneSpec, get_spec
 from finetune.config.schema import choice
+from finetune.data import shapes
+from finetune.data.dataset import cfg_get, data_options
+from finetune.data.sources import source_of
+from finetune.data.tfds import dataset_name
 from finetune.errors import ConfigError
+from finetune.model.backbones import BackboneSpec, get_spec
 
 WEIGHTS_SUFFIXES = (".h5", ".keras")
+# The split rule: val_split + test_split at most this, so that at least 10% of each class's images train.
+MAX_HELD_OUT = 0.9
 
 
 def validate_train(cfg) -> BackboneSpec:
@@ -25,7 +35,7 @@ def validate_train(cfg) -> BackboneSpec:
         check_head(cfg.head, cfg.backbone)
         check_freeze(cfg, spec)
     check_trainer(cfg.trainer, cfg.optimizer)
-    check_data_splits(cfg.data)
+    check_data(cfg.data)
     return spec
 
 
@@ -118,17 +128,74 @@ def check_trainer(cfg_trainer, cfg_optimizer) -> None:
         raise ConfigError("trainer.steps_per_epoch", cfg_trainer.steps_per_epoch, "null or an integer >= 1")
 
 
-def check_data_splits(cfg_data) -> None:
-    if cfg_data.source in ("tfds", "features"):
+def check_split(val_split, test_split, val_path=None) -> None:
+    """The split rule (the one home of it) for data that finetune splits itself (shapes, digits, folder):
+    val_split and test_split are fractions of each class's images in [0, 1), together at most
+    MAX_HELD_OUT (0.9) so that at least 10% of every class trains, and val_split > 0 unless a separate
+    validation folder (data.val_path) is given."""
+    for key, value in (("data.val_split", val_split), ("data.test_split", test_split)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+            raise ConfigError(key, value, "a fraction in [0, 1), e.g. 0.2")
+    if val_split + test_split > MAX_HELD_OUT + 1e-9:  # 1e-9: 0.6 + 0.3 is 0.8999999999999999, 0.5 + 0.4 is 0.9
+        raise ConfigError("data.val_split", val_split,
+                          f"val_split + test_split <= {MAX_HELD_OUT} (test_split={test_split}), so that at "
+                          f"least {1 - MAX_HELD_OUT:.0%} of each class's images train")
+    if val_split == 0 and not val_path:
+        raise ConfigError("data.val_split", val_split, "> 0, or a separate data.val_path")
+
+
+def _check_fractions(opts) -> None:
+    check_split(opts.val_split, opts.test_split, getattr(opts, "val_path", None))
+
+
+def _check_shapes(opts) -> None:
+    shapes.check_options(opts.classes, opts.num_per_class, opts.image_size)
+    _check_fractions(opts)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _tfds_split_spec(key: str, value, required: bool) -> None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise ConfigError(f"data.{key}", value, "a tfds split like 'train[80%:90%]'")
         return
-    val, test = cfg_data.val_split, cfg_data.test_split
-    for key, value in (("data.val_split", val), ("data.test_split", test)):
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(key, value, "a fraction in [0, 1)")
-    if val + test >= 0.9:
-        raise ConfigError("data.val_split", val, f"val_split + test_split < 0.9 (test_split={test})")
-    if val == 0 and not cfg_data.get("val_path"):
-        raise ConfigError("data.val_split", val, "> 0, or a separate data.val_path")
+    if not isinstance(value, str) or _is_number(value):
+        raise ConfigError(f"data.{key}", value, "a tfds split string like 'train[80%:90%]' (tfds splits "
+                          "are strings, not fractions)")
+
+
+def _check_tfds(opts) -> None:
+    dataset_name(opts)  # a name is given (the catalog is looked up when the data is read)
+    for key, required in (("train_split", True), ("val_split", True), ("test_split", False)):
+        _tfds_split_spec(key, getattr(opts, key), required)
+    if not isinstance(opts.download, bool):
+        raise ConfigError("data.download", opts.download, "true or false")
+
+
+# data.source -> its rules (beyond the schema's types and choices)
+DATA_CHECKS = {"shapes": _check_shapes, "digits": _check_fractions, "folder": _check_fractions,
+               "tfds": _check_tfds}
+
+
+def check_data(cfg_data) -> None:
+    """The `data` group's rules, for every command that reads a dataset (data=features: none here; its
+    manifest is checked when it is read)."""
+    if cfg_get(cfg_data, "source", None) == "features":
+        return
+    source = source_of(cfg_data)
+    opts = data_options(cfg_data, source)
+    for key in ("seed", "cache_max_mb"):
+        value = getattr(opts, key)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ConfigError(f"data.{key}", value, "an integer >= 0")
+    DATA_CHECKS[source](opts)
 
 
 def positive_int(key: str, value) -> int:
@@ -138,15 +205,37 @@ def positive_int(key: str, value) -> int:
     return int(value)
 
 
+def check_extract(cfg) -> None:
+    check_backbone(cfg.backbone, get_spec(cfg.backbone.name))
+    positive_int("extract.batch_size", cfg.extract.batch_size)
+    if not cfg.images:
+        check_data(cfg.data)
+
+
+def check_evaluate(cfg) -> None:
+    check_data(cfg.data)
+
+
+def check_export(cfg) -> None:
+    if cfg.data is not None:  # null: the data the model was trained on, checked when it trained
+        check_data(cfg.data)
+
+
+def _check_classify(cfg) -> None:
+    check_classify(cfg, get_spec(cfg.backbone.name))
+
+
+# command -> the checks of its composed config (commands without an entry have no cross-field rules)
+COMMAND_CHECKS = {"train": validate_train, "extract": check_extract, "classify": _check_classify,
+                  "evaluate": check_evaluate, "export": check_export}
+
+
 def validate_command(command: str, cfg) -> None:
     """The checks a command makes of its composed config before it starts, run by the CLI's precheck (so
     a bad value costs well under a second and Hydra creates nothing). Pure Python; h5py for a weights file."""
-    if command == "train":
-        validate_train(cfg)
-    elif command == "extract":
-        check_backbone(cfg.backbone, get_spec(cfg.backbone.name))
-    elif command == "classify":
-        check_classify(cfg, get_spec(cfg.backbone.name))
+    check = COMMAND_CHECKS.get(command)
+    if check is not None:
+        check(cfg)
 
 
 def check_classify(cfg, spec) -> None:

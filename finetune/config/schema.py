@@ -172,6 +172,11 @@ class FeaturesDataConfig(DataCommon):
     path: str = MISSING
 
 
+# data=<option> -> its schema (each conf/data/<option>.yaml extends its own)
+DATA_SCHEMAS = {"shapes": ShapesDataConfig, "digits": DigitsDataConfig, "folder": FolderDataConfig,
+                "tfds": TfdsDataConfig, "features": FeaturesDataConfig}
+
+
 @dataclass
 class OptimizerConfig:
     name: OptimizerKind = MISSING
@@ -443,9 +448,7 @@ def register_configs() -> None:
                           "evaluate": EvaluateConfig, "export": ExportConfig,
                           "compare": CompareConfig, "cache": CacheConfig}.items():
         cs.store(name=f"{command}_schema", node=node)
-    for name, node in {"shapes": ShapesDataConfig, "digits": DigitsDataConfig,
-                       "folder": FolderDataConfig, "tfds": TfdsDataConfig,
-                       "features": FeaturesDataConfig}.items():
+    for name, node in DATA_SCHEMAS.items():
         cs.store(name=f"data_schema_{name}", node=node)
     cs.store(group="hydra/sweeper", name="finetune_optuna", node=OptunaSweeperConfig, provider="finetune")
 

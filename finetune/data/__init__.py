@@ -8,19 +8,21 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "Split": "sources",
-    "Dataset": "sources",
+    "Split": "dataset",
+    "Dataset": "dataset",
+    "data_options": "dataset",
     "load_dataset": "sources",
-    "scan_folder": "sources",
     "source_of": "sources",
-    "stratified_split": "sources",
-    "network_reachable": "sources",
     "SOURCES": "sources",
-    "IMAGE_EXTENSIONS": "sources",
+    "scan_folder": "folder",
+    "IMAGE_EXTENSIONS": "folder",
+    "stratified_split": "split",
+    "network_reachable": "tfds",
     "ensure_shapes": "shapes",
     "make_pipeline": "pipeline",
     "load_image": "pipeline",
     "estimated_bytes": "pipeline",
+    "AUGMENTATIONS": "augment",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from finetune.data.sources import AUGMENT_MODES, CACHE_MODES, Dataset, Split
-from finetune.data._util import suggest
+from finetune.data import augment as augmentation
+from finetune.data.dataset import Dataset, Split
 from finetune.errors import ConfigError, DataError
+from finetune.data._util import lookup
 
 AUTOTUNE = tf.data.AUTOTUNE
 SHUFFLE_BUFFER_BYTES = 512 * 2**20  # cap for the shuffle buffer when the split is not cached in memory
@@ -100,12 +101,12 @@ def estimated_bytes(num_images: int, image_size) -> int:
     return int(num_images) * h * w * 3
 
 
-def _use_memory_cache(cache: str, size: int, hw, cache_max_mb: int) -> bool:
-    if cache == "memory":
-        return True
-    if cache == "off":
-        return False
-    return 0 < size and estimated_bytes(size, hw) < int(cache_max_mb) * 2**20
+# data.cache -> (split size, (h, w), data.cache_max_mb) -> keep the resized split in memory?
+CACHE_POLICIES = {
+    "memory": lambda size, hw, max_mb: True,
+    "off": lambda size, hw, max_mb: False,
+    "auto": lambda size, hw, max_mb: 0 < size and estimated_bytes(size, hw) < int(max_mb) * 2**20,
+}
 
 
 def _tfds_elements(dataset: Dataset, split: Split, training: bool, seed: int) -> tf.data.Dataset:
@@ -126,79 +127,80 @@ def _tfds_elements(dataset: Dataset, split: Split, training: bool, seed: int) ->
     return ds.map(pick, num_parallel_calls=AUTOTUNE)
 
 
+def _part(dataset: Dataset, split: str) -> tuple[str, Split]:
+    key = lookup(_SPLITS, "split", split)
+    part = getattr(dataset, key)
+    if part is None:
+        raise DataError(f"{dataset.name} has no {key} split; set data.test_split > 0 (or data.test_path / "
+                        "the tfds data.test_split) to evaluate on a test set")
+    if part.tfds_split is None and part.size == 0:
+        raise DataError(f"{dataset.name}: the {key} split is empty; adjust data.val_split/data.test_split")
+    return key, part
+
+
+def _tfds_split(dataset: Dataset, part: Split, hw, training: bool, seed: int, in_memory: bool):
+    ds = _tfds_elements(dataset, part, training, seed)
+    ds = ds.map(lambda x, y: (resize_uint8(x, hw), tf.cast(y, tf.int32)), num_parallel_calls=AUTOTUNE)
+    return ds.ignore_errors(log_warning=True)  # an undecodable example is dropped alone, not its batch
+
+
+def _file_split(dataset: Dataset, part: Split, hw, training: bool, seed: int, in_memory: bool):
+    labels = np.asarray(part.labels, np.int32)
+    paths = np.asarray(part.paths, dtype=object).astype(str)
+    bmp = np.char.endswith(np.char.lower(paths), ".bmp")
+    pillow = bmp | np.asarray(part.pillow, bool) if part.pillow is not None else bmp
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels, pillow))
+    if training and not in_memory:
+        # Not cached: shuffle the (cheap) file names over the whole split before decoding.
+        ds = ds.shuffle(int(part.size), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(lambda p, y, pil: (decode_file(p, hw, pil), y), num_parallel_calls=AUTOTUNE)
+    # A file that passed the pre-flight scan but fails to decode now (changed since, or a defect only
+    # TensorFlow's decoder sees) is dropped alone, with a warning, instead of failing its whole batch.
+    return ds.ignore_errors(log_warning=True)
+
+
+def _array_split(dataset: Dataset, part: Split, hw, training: bool, seed: int, in_memory: bool):
+    ds = tf.data.Dataset.from_tensor_slices((np.asarray(part.images, np.uint8), np.asarray(part.labels, np.int32)))
+    return ds.map(lambda x, y: (resize_uint8(to_rgb(x), hw), y), num_parallel_calls=AUTOTUNE)
+
+
+def _elements(dataset: Dataset, key: str, part: Split, hw, training: bool, seed: int, in_memory: bool):
+    """(uint8 [h, w, 3], int32) elements of one split, whichever form it comes in."""
+    for held, read in ((part.tfds_split, _tfds_split), (part.paths, _file_split), (part.images, _array_split)):
+        if held is not None:
+            return read(dataset, part, hw, training, seed, in_memory)
+    raise DataError(f"{dataset.name}: the {key} split has neither files, arrays nor a tfds split")
+
+
+def _shuffle_buffer(part: Split, hw, batch_size: int, in_memory: bool) -> int:
+    size = int(part.size)
+    if in_memory and size > 0:
+        return size  # the buffer shares the cached tensors: a full shuffle costs little memory
+    if part.paths is not None:
+        return 0  # already shuffled file names
+    buffer = max(batch_size * 4, min(SHUFFLE_BUFFER_BYTES // (hw[0] * hw[1] * 3), 10_000))
+    return min(buffer, size) if size > 0 else buffer
+
+
 def make_pipeline(dataset: Dataset, split: str, image_size, batch_size: int, *, training: bool, seed: int,
                   cache: str = "auto", cache_max_mb: int = 2048, augment: str = "none") -> tf.data.Dataset:
     """A batched tf.data pipeline for one split of `dataset`.
 
     Yields (float32 [B, h, w, 3] in 0..255, int32 [B]). Training pipelines shuffle (seeded,
-    reshuffled every epoch) and augment; others keep a fixed order. `cache`: "memory" caches the
-    resized split in memory, "off" never, "auto" when it needs < cache_max_mb MiB.
+    reshuffled every epoch) and augment (finetune.data.augment); others keep a fixed order. `cache`:
+    "memory" caches the resized split in memory, "off" never, "auto" when it needs < cache_max_mb MiB.
     """
-    if split not in _SPLITS:
-        raise ConfigError("split", split, "one of train, val, test", suggest(split, _SPLITS))
-    key = _SPLITS[split]
-    part = getattr(dataset, key)
-    if part is None:
-        raise DataError(f"{dataset.name} has no {key} split; set data.test_split > 0 (or data.test_path / "
-                        "the tfds data.test_split) to evaluate on a test set")
-    if cache not in CACHE_MODES:
-        raise ConfigError("data.cache", cache, "one of " + ", ".join(CACHE_MODES), suggest(cache, CACHE_MODES))
-    if augment not in AUGMENT_MODES:
-        raise ConfigError("data.augment", augment, "one of " + ", ".join(AUGMENT_MODES),
-                          suggest(augment, AUGMENT_MODES))
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ConfigError("batch_size", batch_size, "an integer >= 1")
-    hw = _hw(image_size)
-    seed = int(seed)
-    size = int(part.size)
-    in_memory = _use_memory_cache(cache, size, hw, cache_max_mb)
-
-    if part.tfds_split is not None:
-        ds = _tfds_elements(dataset, part, training, seed)
-        ds = ds.map(lambda x, y: (resize_uint8(x, hw), tf.cast(y, tf.int32)), num_parallel_calls=AUTOTUNE)
-        ds = ds.ignore_errors(log_warning=True)  # an undecodable example is dropped alone, not its batch
-    elif part.paths is not None:
-        if size == 0:
-            raise DataError(f"{dataset.name}: the {key} split is empty; adjust data.val_split/data.test_split")
-        labels = np.asarray(part.labels, np.int32)
-        paths = np.asarray(part.paths, dtype=object).astype(str)
-        bmp = np.char.endswith(np.char.lower(paths), ".bmp")
-        pillow = bmp | np.asarray(part.pillow, bool) if part.pillow is not None else bmp
-        ds = tf.data.Dataset.from_tensor_slices((paths, labels, pillow))
-        if training and not in_memory:
-            # Not cached: shuffle the (cheap) file names over the whole split before decoding.
-            ds = ds.shuffle(size, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.map(lambda p, y, pil: (decode_file(p, hw, pil), y), num_parallel_calls=AUTOTUNE)
-        # A file that passed the pre-flight scan but fails to decode now (changed since, or a defect only
-        # TensorFlow's decoder sees) is dropped alone, with a warning, instead of failing its whole batch.
-        ds = ds.ignore_errors(log_warning=True)
-    elif part.images is not None:
-        if size == 0:
-            raise DataError(f"{dataset.name}: the {key} split is empty; adjust data.val_split/data.test_split")
-        ds = tf.data.Dataset.from_tensor_slices((np.asarray(part.images, np.uint8), np.asarray(part.labels, np.int32)))
-        ds = ds.map(lambda x, y: (resize_uint8(to_rgb(x), hw), y), num_parallel_calls=AUTOTUNE)
-    else:
-        raise DataError(f"{dataset.name}: the {key} split has neither files, arrays nor a tfds split")
-
+    key, part = _part(dataset, split)
+    hw, seed = _hw(image_size), int(seed)
+    in_memory = lookup(CACHE_POLICIES, "data.cache", cache)(int(part.size), hw, cache_max_mb)
+    ds = _elements(dataset, key, part, hw, training, seed, in_memory)
     if in_memory:
         ds = ds.cache()
     if training:
-        if in_memory and size > 0:
-            buffer = size  # the buffer shares the cached tensors: a full shuffle costs little memory
-        elif part.paths is not None:
-            buffer = 0  # already shuffled file names
-        else:
-            per_image = hw[0] * hw[1] * 3
-            buffer = max(batch_size * 4, min(SHUFFLE_BUFFER_BYTES // per_image, 10_000))
-            if size > 0:
-                buffer = min(buffer, size)
+        buffer = _shuffle_buffer(part, hw, int(batch_size), in_memory)
         if buffer > 1:
             ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-        if augment == "flip":
-            coins = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
-            ds = tf.data.Dataset.zip((ds, coins)).map(
-                lambda xy, r: (tf.cond(r % 2 == 0, lambda: tf.reverse(xy[0], axis=[1]), lambda: xy[0]), xy[1]),
-                num_parallel_calls=AUTOTUNE)
+        ds = augmentation.augment(ds, augment, seed)
     ds = ds.batch(int(batch_size))
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.int32)), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)

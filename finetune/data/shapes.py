@@ -28,7 +28,6 @@ from finetune.data._util import suggest
 from finetune.errors import ConfigError, DataError
 
 GENERATOR_VERSION = 1
-DEFAULT_CLASSES = ["circle", "square", "triangle", "star", "cross", "ring"]
 MANIFEST = "manifest.json"
 SUPERSAMPLE = 3  # shapes are drawn at 3x then downsampled: smooth, antialiased edges
 
@@ -225,63 +224,83 @@ def _remove_stale_temps(cache_dir: Path, key: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_options(classes, num_per_class, image_size) -> list[str]:
+    """The generator's options checked (data.classes, data.num_per_class, data.image_size); returns the
+    classes as a list of str. Run by finetune.app.checks.check_data before anything starts, and here."""
+    classes = validate_classes(classes)
+    if isinstance(num_per_class, bool) or not isinstance(num_per_class, (int, np.integer)) or num_per_class < 1:
+        raise ConfigError("data.num_per_class", num_per_class, "an integer >= 1 (images per class)")
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or not 8 <= image_size <= 1024:
+        raise ConfigError("data.image_size", image_size, "an integer between 8 and 1024 (pixels)")
+    return classes
+
+
+def _unwritable(cache_dir: Path, error: OSError) -> DataError:
+    return DataError(f"data.cache_dir: cannot write the shapes dataset to '{cache_dir}' ({error.strerror or error}); "
+                     "set data.cache_dir=<writable folder> or the FINETUNE_CACHE_DIR environment variable")
+
+
+def _temp_folder(cache_dir: Path, key: str) -> Path:
+    """A new temporary folder beside where the dataset `key` goes (stale ones of dead writers removed)."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(cache_dir, key)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-", dir=cache_dir))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the final folder is a shared cache
+        return tmp
+    except OSError as e:
+        raise _unwritable(cache_dir, e) from e
+
+
+def _write_images(tmp: Path, classes: list[str], num_per_class: int, image_size: int, seed: int) -> None:
+    from PIL import Image
+
+    for c in classes:
+        (tmp / c).mkdir()
+        for i in range(num_per_class):
+            Image.fromarray(render(c, i, image_size, seed)).save(tmp / c / f"{c}_{i:04d}.png", optimize=False)
+    manifest = {"version": GENERATOR_VERSION, "classes": classes, "num_per_class": num_per_class,
+                "image_size": int(image_size), "seed": int(seed), "images": len(classes) * num_per_class}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def _move_into_place(tmp: Path, final: Path, key: str) -> None:
+    """Rename the finished `tmp` to `final`; a concurrent writer that finished first wins."""
+    if final.exists() and not _is_complete(final):
+        # A folder without manifest was not written by us (or by an older, non-atomic writer).
+        broken = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-old-", dir=final.parent))
+        os.replace(final, broken / "old")
+        shutil.rmtree(broken, ignore_errors=True)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not _is_complete(final):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # a concurrent generation finished first: use its folder
+
+
 def ensure_shapes(classes, num_per_class: int, image_size: int, seed: int, cache_dir=None,
                   verbose: bool = True) -> Path:
     """Returns the folder of the shapes dataset, generating it first if needed.
 
     The folder holds one sub-folder per class, like a `folder` dataset.
     """
-    classes = validate_classes(classes)
-    if isinstance(num_per_class, bool) or not isinstance(num_per_class, (int, np.integer)) or num_per_class < 1:
-        raise ConfigError("data.num_per_class", num_per_class, "an integer >= 1 (images per class)")
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or not 8 <= image_size <= 1024:
-        raise ConfigError("data.image_size", image_size, "an integer between 8 and 1024 (pixels)")
+    classes = check_options(classes, num_per_class, image_size)
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     key = dataset_key(classes, num_per_class, image_size, seed)
     final = cache_dir / key
     if _is_complete(final):
         return final
-
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(cache_dir, key)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-", dir=cache_dir))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the final folder is a shared cache
-    except OSError as e:
-        raise DataError(
-            f"data.cache_dir: cannot write the shapes dataset to '{cache_dir}' ({e.strerror or e}); "
-            "set data.cache_dir=<writable folder> or the FINETUNE_CACHE_DIR environment variable") from e
-
-    total = len(classes) * int(num_per_class)
+    tmp = _temp_folder(cache_dir, key)
     if verbose:
-        print(f"generating shapes dataset: {total} images -> {final}", file=sys.stderr, flush=True)
-    from PIL import Image
-
+        print(f"generating shapes dataset: {len(classes) * int(num_per_class)} images -> {final}",
+              file=sys.stderr, flush=True)
     try:
-        for c in classes:
-            (tmp / c).mkdir()
-            for i in range(int(num_per_class)):
-                Image.fromarray(render(c, i, image_size, seed)).save(tmp / c / f"{c}_{i:04d}.png", optimize=False)
-        manifest = {"version": GENERATOR_VERSION, "classes": classes, "num_per_class": int(num_per_class),
-                    "image_size": int(image_size), "seed": int(seed), "images": total}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if final.exists() and not _is_complete(final):
-            # A folder without manifest was not written by us (or by an older, non-atomic writer).
-            broken = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-old-", dir=cache_dir))
-            os.replace(final, broken / "old")
-            shutil.rmtree(broken, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if _is_complete(final):  # a concurrent generation finished first: use its folder
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                raise
+        _write_images(tmp, classes, int(num_per_class), image_size, seed)
+        _move_into_place(tmp, final, key)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(
-            f"data.cache_dir: cannot write the shapes dataset to '{cache_dir}' ({e.strerror or e}); "
-            "set data.cache_dir=<writable folder> or the FINETUNE_CACHE_DIR environment variable") from e
+        raise _unwritable(cache_dir, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
