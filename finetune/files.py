@@ -38,11 +38,32 @@ def write_bytes(path: Path, data: bytes) -> Path:
 
 
 def save_model(model, path: Path) -> Path:
-    """model.save(path), atomically."""
+    """model.save(path), atomically, as an inference model (see `without_training_state`)."""
     _prime_keras_saving()
     with atomic_path(path) as tmp:
-        model.save(tmp)
+        without_training_state(model).save(tmp)
     return Path(path)
+
+
+def without_training_state(model):
+    """The same layers and weights without what only training needs: the optimizer (its state would
+    triple the file of a model trained with Adam) and the compile config (optimizer, schedule, loss and
+    metrics by name, which plain Keras cannot load when one is ours). What we save then loads with
+    plain Keras; predict, evaluate and export only predict, and resuming reads its own checkpoints.
+
+    A compiled functional model (what finetune builds) is re-wrapped over its own input and output
+    tensors: the layers and their weights are shared, not copied, and the model itself stays compiled.
+    An uncompiled model, or one without a symbolic graph to re-wrap (subclassed, or a Sequential never
+    called), is saved as it is."""
+    if getattr(model, "optimizer", None) is None and not getattr(model, "compiled", False):
+        return model
+    try:
+        inputs, outputs = model.input, model.output
+    except (AttributeError, ValueError):  # a subclassed model: no symbolic graph
+        return model
+    import keras
+
+    return keras.Model(inputs, outputs, name=model.name)
 
 
 def save_weights(model, path: Path) -> Path:
