@@ -305,3 +305,14 @@ def test_the_split_rule_through_the_cli(cli):
     line = one_error_line(cli("evaluate", "model=abc", "data=digits", "data.val_split=0.5", "data.test_split=0.45"))
     assert line == ("error: data.val_split: received 0.5; expected val_split + test_split <= 0.9 "
                     "(test_split=0.45), so that at least 10% of each class's images train")
+
+
+@pytest.mark.parametrize("command,overrides,key", [
+    ("classify", [], "images"), ("predict", [], "model"), ("predict", ["model=abc"], "images"),
+    ("evaluate", [], "model"), ("export", [], "model"),
+])
+def test_a_missing_required_argument_is_one_line(command, overrides, key):
+    """Before: precheck passed and the command died on OmegaConf's MissingMandatoryValue traceback."""
+    message = precheck(command, overrides)
+    assert message is not None and message.startswith(f"{key}: received '???'; expected ") and "\n" not in message
+    assert f"{key}=" in message  # says how to give it

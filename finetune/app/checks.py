@@ -225,6 +225,24 @@ def _check_classify(cfg) -> None:
     check_classify(cfg, get_spec(cfg.backbone.name))
 
 
+# what a command's required argument (MISSING in the schema) takes, for its one-line error
+REQUIRED = {
+    "images": "image files, folders or globs, e.g. images=[a.jpg,b.png] or images=photos/",
+    "model": "a model: model=<MLflow run id | models:/<name>/<version> | path/to/model.keras>",
+}
+
+
+def check_required(cfg) -> None:
+    """The command's required arguments (images=, model=) are given: one line naming the first missing
+    one, instead of OmegaConf's traceback when the command reads it. (A group's required key, such as
+    data.path, is checked by what reads it, which knows whether it is used.)"""
+    from omegaconf import OmegaConf
+
+    for key in (k for k in cfg if k != "hydra"):  # hydra: Hydra's own, filled while it runs
+        if OmegaConf.is_missing(cfg, key):
+            raise ConfigError(key, "???", REQUIRED.get(key, f"a value: set {key}=..."))
+
+
 # command -> the checks of its composed config (commands without an entry have no cross-field rules)
 COMMAND_CHECKS = {"train": validate_train, "extract": check_extract, "classify": _check_classify,
                   "evaluate": check_evaluate, "export": check_export}
@@ -233,6 +251,7 @@ COMMAND_CHECKS = {"train": validate_train, "extract": check_extract, "classify":
 def validate_command(command: str, cfg) -> None:
     """The checks a command makes of its composed config before it starts, run by the CLI's precheck (so
     a bad value costs well under a second and Hydra creates nothing). Pure Python; h5py for a weights file."""
+    check_required(cfg)
     check = COMMAND_CHECKS.get(command)
     if check is not None:
         check(cfg)
