@@ -17,7 +17,8 @@ MANIFEST = "manifest.json"
 
 
 def feature_model(backbone, preprocess, input_shape, layer: str | None, flatten: bool = True):
-    """raw image -> preprocess -> backbone (or its `layer`) -> vector (flattened unless flatten=False)."""
+    """raw image -> preprocess -> backbone (or its `layer`) -> vector (flattened unless flatten=False).
+    `preprocess` is the backbone's `finetune.model.preprocessing.preprocessing(mode)`."""
     import keras
 
     if layer:

@@ -76,9 +76,9 @@ def label(fmt: str, quantize: str) -> str:
 
 
 def load_for_export(path: Path, safe_mode: bool = True):
-    """The model for inference: Keras safe mode, without its optimizer state (compile=False), which
-    would otherwise triple the re-saved .keras of a model trained with Adam."""
-    from finetune.model.load import load_model  # registers finetune's layers
+    """The model for inference: Keras safe mode, without its optimizer state (compile=False): models
+    saved before files.save_model dropped it carry it, and it would triple the re-saved .keras."""
+    from finetune.model.load import load_model  # registers BackbonePreprocess (older models)
 
     return load_model(path, safe_mode=safe_mode, compile=False)
 

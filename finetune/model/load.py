@@ -38,13 +38,14 @@ SAFE_MODE_KEY = "model_safe_mode"
 
 
 def load_model(path, safe_mode: bool = True, compile: bool = True):
-    """Load a .keras file in Keras safe mode (no arbitrary code); finetune's layers are registered.
+    """Load a .keras file in Keras safe mode (no arbitrary code). What finetune saves now holds Keras'
+    built-in layers only; models saved before then hold BackbonePreprocess, registered here.
 
     A model holding Python code (a Lambda layer's function, any deserialized lambda) would run that code
     when loaded: refused with one line unless the user opts in with model_safe_mode=false."""
     import keras
 
-    import finetune.model.preprocessing  # noqa: F401  registers BackbonePreprocess for deserialization
+    import finetune.model.preprocessing  # noqa: F401  registers BackbonePreprocess (older models)
 
     try:
         return keras.saving.load_model(str(path), safe_mode=safe_mode, compile=compile)
