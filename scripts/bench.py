@@ -69,7 +69,7 @@ What each number is (medians over --repeats repetitions; the JSON also holds eve
      augmentation is on or part of the backbone trains; MobileNetV2 224 px, 10 steps an epoch, no
      validation): plain = image_dataset_from_directory(.cache().prefetch()) + model.fit(epochs=E), a new
      iterator every epoch, as the guide writes it; finetune = its own train pipeline
-     (finetune.data.make_pipeline via TrainRun.pipelines: parallel decode/resize, memory cache, prefetch,
+     (finetune.data.make_pipeline via finetune.train.inputs.image_inputs: parallel decode/resize, memory cache, prefetch,
      .repeat()) + fit(steps_per_epoch) as `finetune train` runs it, on finetune's assembled model. Step s =
      median time between consecutive batch ends inside an epoch; epoch s = mean time from one epoch's end
      to the next (a mean: stalls hit some epochs, not all); both leave the first epoch (tracing, cache
@@ -881,31 +881,29 @@ def plain_stall(folders: Folders, name: str, px: int, num_classes: int, plan: Pl
 
 def finetune_stall(bench: "Bench", folders: Folders, name: str, px: int, num_classes: int) -> dict:
     from finetune.commands.train import prepare
-    from finetune.model.freeze import apply_freeze
     from finetune.model.assemble import assemble, build_parts
-    from finetune.train.run import TrainRun
-    from finetune.train.stages import compile_model, fit_stage
+    from finetune.model.freeze import apply_freeze
+    from finetune.train.inputs import image_inputs
+    from finetune.train.optim import compile_model
+    from finetune.train.stages import fit_stage
 
     plan = bench.plan
     overrides = [*bench.train_overrides(folders, name, px), "freeze=all", "head=linear",
                  f"optimizer.lr={plan.frozen_lr}"]
     cfg = compose("train", overrides)
     spec, dataset = prepare(cfg)
-    run = TrainRun(cfg, spec, dataset, bench.fresh_path("stall"))
-    run.parts = build_parts(cfg.backbone, cfg.head, spec, num_classes)
-    run.pipelines()
-    apply_freeze(run.parts.backbone, run.parts.blocks, "all", 0, "frozen")
-    model = assemble(run.parts, backbone_training=False)
+    parts = build_parts(cfg.backbone, cfg.head, spec, num_classes)
+    inputs = image_inputs(cfg, dataset, parts.input_shape)
+    apply_freeze(parts.backbone, parts.blocks, "all", 0, "frozen")
+    model = assemble(parts, backbone_training=False)
     compile_model(model, cfg.optimizer, plan.frozen_lr, num_classes)
     clock = step_clock()
-    fit_stage(model, run.train_ds, None, first_epoch=0, epochs=plan.stall_epochs, callbacks=[clock],
-              steps_per_epoch=run.steps_per_epoch, verbose=0)
-    result = stall_numbers(clock, run.steps_per_epoch, plan.batch_size)
-    result["pipeline_images_per_s"] = pipeline_images_per_s(run.train_ds, run.steps_per_epoch)
-    uncached = TrainRun(compose("train", [*overrides, "data.cache=off"]), spec, dataset, bench.fresh_path("stall"))
-    uncached.parts = run.parts
-    uncached.pipelines()
-    result["pipeline_uncached_images_per_s"] = pipeline_images_per_s(uncached.train_ds, run.steps_per_epoch)
+    fit_stage(model, inputs.train, None, first_epoch=0, epochs=plan.stall_epochs, callbacks=[clock],
+              steps_per_epoch=inputs.steps_per_epoch, verbose=0)
+    result = stall_numbers(clock, inputs.steps_per_epoch, plan.batch_size)
+    result["pipeline_images_per_s"] = pipeline_images_per_s(inputs.train, inputs.steps_per_epoch)
+    uncached = image_inputs(compose("train", [*overrides, "data.cache=off"]), dataset, parts.input_shape)
+    result["pipeline_uncached_images_per_s"] = pipeline_images_per_s(uncached.train, inputs.steps_per_epoch)
     return result
 
 

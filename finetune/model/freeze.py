@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import keras
 
-POLICIES = ("all", "none", "last_n")
+POLICIES = ("all", "none", "last_n")  # the keys of FREEZE_POLICIES below
 
 
 @dataclass
@@ -19,17 +19,25 @@ class BlockPlan:
     frozen_params: int
 
 
+def _last_n(block_names: list[str], n: int) -> set[str]:
+    if not 0 <= n <= len(block_names):
+        raise ValueError(f"Expected 0 <= n <= {len(block_names)}. Received: n={n}")
+    return set(block_names[len(block_names) - n:]) if n else set()
+
+
+# freeze policy -> (the backbone's block names in order, n) -> the names of the blocks that train
+FREEZE_POLICIES = {
+    "all": lambda block_names, n: set(),
+    "none": lambda block_names, n: set(block_names),
+    "last_n": _last_n,
+}
+
+
 def trainable_blocks(block_names: list[str], policy: str, n: int) -> set[str]:
     """Names of the blocks that train under `policy` (all: none of them; none: every one)."""
-    if policy == "all":
-        return set()
-    if policy == "none":
-        return set(block_names)
-    if policy == "last_n":
-        if not 0 <= n <= len(block_names):
-            raise ValueError(f"Expected 0 <= n <= {len(block_names)}. Received: n={n}")
-        return set(block_names[len(block_names) - n:]) if n else set()
-    raise ValueError(f"Expected policy in {POLICIES}. Received: policy={policy!r}")
+    if policy not in FREEZE_POLICIES:
+        raise ValueError(f"Expected policy in {tuple(FREEZE_POLICIES)}. Received: policy={policy!r}")
+    return FREEZE_POLICIES[policy](block_names, n)
 
 
 def apply_freeze(backbone, blocks, policy: str, n: int, batchnorm: str = "frozen") -> list[BlockPlan]:

@@ -1,0 +1,45 @@
+"""The end of a run: metrics of the final model on val and test, a per-class report and a confusion
+matrix, logged with the `final_` prefix for validation metrics."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from finetune import tracking
+from finetune.train import reports
+from finetune.train.stages import expected_end_of_data
+
+
+def evaluate_model(model, inputs, class_names: list[str], out: Path, title: str) -> dict:
+    """`model` on `inputs` (images, or features for a head): after a stage on cached features the head on
+    those features is the whole model's computation (the backbone ran in inference mode), so no image is
+    run again. Writes metrics.json and the confusion matrix into `out`."""
+    sets = inputs.evaluation_sets()
+    metrics = {}
+    with expected_end_of_data():
+        for split, ds in sets.items():
+            if ds is not None:
+                metrics.update({f"{split}_{k}": float(v)
+                                for k, v in model.evaluate(ds, verbose=0, return_dict=True).items()})
+        split = "test" if sets["test"] is not None else "val"
+        y_true, y_pred = predictions(model, sets[split])
+    per_class = reports.per_class_metrics(y_true, y_pred, class_names)
+    metrics.update({f"{split}_{tracking.metric_key(k)}": v for k, v in per_class.items()})
+    matrix = reports.plot_confusion_matrix(y_true, y_pred, class_names, out / "confusion_matrix.png",
+                                           f"{title} ({split})")
+    np.savetxt(out / "confusion_matrix.csv", matrix, fmt="%d", delimiter=",", header=",".join(class_names),
+               comments="")
+    final = {f"final_{k}" if k.startswith("val_") else k: v for k, v in metrics.items()}
+    tracking.log_metrics(final)
+    (out / "metrics.json").write_text(json.dumps(final, indent=1))
+    return final
+
+
+def predictions(model, ds):
+    y_true, y_pred = [], []
+    for inputs, labels in ds:
+        y_pred.append(np.argmax(model.predict_on_batch(inputs), axis=-1))
+        y_true.append(labels.numpy())
+    return np.concatenate(y_true), np.concatenate(y_pred)
