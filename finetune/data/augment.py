@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from finetune.data._util import lookup
+from finetune.registry import lookup
 
 
 def _none(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:

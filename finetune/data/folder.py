@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.data._util import lookup
 from finetune.data.dataset import Dataset, Split
 from finetune.data.split import split_files
 from finetune.errors import ConfigError, DataError
+from finetune.registry import lookup
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _EXT_TEXT = " ".join(IMAGE_EXTENSIONS)

@@ -12,7 +12,7 @@ import tensorflow as tf
 from finetune.data import augment as augmentation
 from finetune.data.dataset import Dataset, Split
 from finetune.errors import ConfigError, DataError
-from finetune.data._util import lookup
+from finetune.registry import lookup
 
 AUTOTUNE = tf.data.AUTOTUNE
 SHUFFLE_BUFFER_BYTES = 512 * 2**20  # cap for the shuffle buffer when the split is not cached in memory
