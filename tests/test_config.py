@@ -252,12 +252,12 @@ def test_the_defaults_check_catches_a_repeated_default():
 @pytest.mark.parametrize("overrides,n", [(["freeze=last_n"], 2), (["freeze=last_n", "freeze.n=3"], 3)])
 def test_freeze_n_has_one_default_also_for_stages(overrides, n):
     """freeze.n is 2 unless set: for freeze=last_n, and for a stage with freeze: last_n and no n."""
-    from finetune.train.stages import resolve_stages
+    from finetune.train.stages import plan_stages
 
     cfg = compose(*overrides)
     assert cfg.freeze.n == n
     staged = compose("trainer.stages=[{name: a, epochs: 1, freeze: last_n}]", *overrides[1:])
-    assert [(s.policy, s.n) for s in resolve_stages(staged)] == [("last_n", n)]
+    assert [(s.policy, s.n) for s in plan_stages(staged)] == [("last_n", n)]
 
 
 # -- the split rule: one function (finetune.app.checks.check_split), every command --------------------
