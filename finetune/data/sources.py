@@ -47,9 +47,9 @@ def load_dataset(cfg) -> Dataset:
     """Resolves the data config to a Dataset (file lists / arrays / tfds specs, labels, splits), with the
     schema's defaults for the keys it leaves out.
 
-    Expects a config that passed finetune.app.checks.check_data (the CLI's precheck and every command run
-    it: the split rule, the tfds split specs, ...); raises ConfigError/DataError with a one-line message
-    for what only the data shows. Never imports tensorflow for shapes/digits/folder.
+    Expects a config that passed finetune.app.checks.check_data (the split rule, the tfds split specs, ...:
+    the CLI's precheck runs it for every command, train again in-process); raises ConfigError/DataError
+    with a one-line message for what only the data shows. Never imports tensorflow for shapes/digits/folder.
     """
     source = source_of(cfg)
     return LOADERS[source](data_options(cfg, source))
