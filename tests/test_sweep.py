@@ -35,9 +35,10 @@ def test_grid_sweep_makes_parent_and_children(cli, mlflow_client):
     assert sorted((c.data.params["optimizer.lr"], c.data.params["head.name"]) for c in children) == [
         (lr, head) for lr in ("0.001", "0.03") for head in ("linear", "mlp")]
     assert sorted(c.info.run_name for c in children) == [f"job {n}" for n in range(4)]
-    rss = [c.data.metrics["process_rss_mb"] for c in sorted(children, key=lambda c: int(c.data.tags["sweep_job"]))]
+    by_job = sorted(children, key=lambda c: int(c.data.tags["finetune.sweep_job"]))
+    rss = [c.data.metrics["process_rss_mb"] for c in by_job]
     assert max(rss) - min(rss) < RSS_SPREAD_LIMIT_MB, f"memory grows from job to job: {rss}"
-    assert len({c.data.tags["process_id"] for c in children}) == 4, "jobs shared a process"
+    assert len({c.data.tags["finetune.process_id"] for c in children}) == 4, "jobs shared a process"
     best = max(c.data.metrics["final_val_accuracy"] for c in children)
     assert parent.data.metrics["best_final_val_accuracy"] == best
     assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}

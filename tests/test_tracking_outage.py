@@ -1,5 +1,6 @@
-"""Tracking outages do not kill training: the journal and breaker alone (fast, no TF, no server), then
-a real `mlflow server` killed in the middle of a real `finetune train` and restarted for the replay."""
+"""Tracking outages stop no command: the journal and breaker alone (fast, no TF, no server); the run scope
+every command opens (FAILED, KILLED, one tag scheme; a local store); then a real `mlflow server` killed in
+the middle of a real `finetune train`, `finetune extract` and `finetune evaluate`, restarted for the replay."""
 from __future__ import annotations
 
 import json
@@ -15,8 +16,10 @@ from pathlib import Path
 import pytest
 from mlflow.exceptions import MlflowException
 
-from finetune.tracking import outage as tracking_buffer
-from finetune.tracking.outage import Journal, Session, bounded_http, replay
+from finetune.tracking import journal as tracking_journal
+from finetune.tracking import outage
+from finetune.tracking.journal import JOURNAL_NAME, Journal, replay
+from finetune.tracking.outage import Session, bounded_http
 
 from .conftest import TINY, TINY_SHAPES, cli_command, cli_env
 
@@ -62,8 +65,9 @@ class Clock:
         return self.t
 
 
-def session(tmp_path, client, clock, capsys=None):
-    return Session("run1", "http://127.0.0.1:1", tmp_path / tracking_buffer.JOURNAL_NAME, client=client,
+def session(tmp_path, client, clock):
+    journal = Journal(tmp_path / JOURNAL_NAME, {"tracking_uri": "http://127.0.0.1:1", "run_id": "run1"})
+    return Session("run1", "http://127.0.0.1:1", journal, client=client,
                    ender=lambda status: client.set_terminated("run1", status), clock=clock)
 
 
@@ -86,9 +90,9 @@ def test_outage_is_journaled_breaker_skips_the_network_and_replay_keeps_steps(tm
     assert err.count("is unreachable") == 1 and str(s.journal.path) in err
     assert len(s.journal.pending()) == 6
 
-    clock.t += tracking_buffer.FIRST_COOLDOWN_S  # half-open, still down: cooldown doubles
+    clock.t += outage.FIRST_COOLDOWN_S  # half-open, still down: cooldown doubles
     s.log_metrics({"loss": 0.3}, step=6)
-    assert s.cooldown == 2 * tracking_buffer.FIRST_COOLDOWN_S and len(s.journal.pending()) == 7
+    assert s.cooldown == 2 * outage.FIRST_COOLDOWN_S and len(s.journal.pending()) == 7
 
     client.up = True
     clock.t += s.cooldown
@@ -114,7 +118,7 @@ def test_server_down_at_the_end_then_replayed_later_once(tmp_path, capsys):
     s.log_artifact(artifact)
     summary = s.end("FINISHED")
     assert "not logged: 1 metric value, 1 param, 1 artifact, the run's end (FINISHED)" in summary
-    assert f"python -m finetune.tracking.outage {s.journal.path}" in summary
+    assert f"python -m finetune.tracking.journal {s.journal.path}" in summary
     assert client.ended is None
 
     with pytest.raises(MlflowException):  # still down: nothing lost, nothing marked sent
@@ -136,8 +140,8 @@ def test_rejected_calls_are_raised_not_journaled_and_local_stores_have_no_journa
     with pytest.raises(MlflowException):  # the caller's mistake, not an outage
         s.log_params({"lr": "0.2"})
     assert not s.journal.path.exists()
-    local = Session("run1", "sqlite:////tmp/x.db", tmp_path / "j.jsonl")
-    assert not local.remote and not tracking_buffer.is_remote("/tmp/mlruns")
+    local = Session("run1", "sqlite:////tmp/x.db", Journal(tmp_path / "j.jsonl"))
+    assert not local.remote and not outage.is_remote("/tmp/mlruns")
 
 
 def test_journal_survives_a_torn_line_and_is_picked_up_by_the_next_session(tmp_path):
@@ -197,9 +201,137 @@ def test_unreachable_server_before_the_run_is_one_line_in_seconds():
 
 
 def test_replay_command_on_a_missing_journal_is_one_line(tmp_path, capsys):
-    assert tracking_buffer.main([str(tmp_path / "nope.jsonl")]) == 2
+    assert tracking_journal.main([str(tmp_path / "nope.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: journal:")
+
+
+@pytest.mark.parametrize("module", ["finetune.tracking.journal", "finetune.tracking.outage",
+                                    "finetune.tracking_buffer"])
+def test_replay_command_and_its_earlier_names(module, tmp_path, capsys, monkeypatch):
+    """`python -m <module> <journal>`: the documented name and the two that earlier READMEs and summaries printed."""
+    import runpy
+    import warnings
+
+    journal = Journal(tmp_path / JOURNAL_NAME, {"tracking_uri": f"http://127.0.0.1:{free_port()}"})
+    journal.append({"run_id": "r", "op": "tags", "tags": {"a": "b"}})
+    monkeypatch.setattr(sys, "argv", [module, str(tmp_path)])
+    for name in [m for m in sys.modules if m == "finetune" or m.startswith("finetune.")]:
+        monkeypatch.delitem(sys.modules, name)  # as `python -m` finds it: nothing of finetune imported yet
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # runpy's "found in sys.modules ... prior to execution"
+        with pytest.raises(SystemExit) as exited:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert exited.value.code == 1  # the server is away: one line, the call kept
+    err = capsys.readouterr().err
+    assert "error: tracking server still unreachable" in err and "0 of 1 call(s) sent" in err, err
+    assert len(Journal(tmp_path / JOURNAL_NAME).pending()) == 1
+    if module != "finetune.tracking.journal":
+        assert "python -m finetune.tracking.journal" in err
+
+
+# -- the run scope every command opens (a local store) ------------------------------------------------
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory):
+    """(cfg, client) on one sqlite store for this module's scope tests; the process's tracking URI restored."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+    from omegaconf import OmegaConf
+
+    root = tmp_path_factory.mktemp("scope_store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = OmegaConf.create({"tracking": {"uri": uri, "experiment": "scope", "artifact_location": None,
+                                         "run_name": None, "tags": {"team": "vision"}}})
+    saved = tracking_utils._tracking_uri
+    yield cfg, MlflowClient(tracking_uri=uri)
+    mlflow.set_tracking_uri(saved)
+
+
+def scope_tags(tags: dict) -> set[str]:
+    """The tags the scope wrote: not MLflow's own (mlflow.*) nor the user's (tracking.tags)."""
+    return {k for k in tags if not k.startswith("mlflow.") and k != "team"}
+
+
+def test_scope_records_through_the_session_and_ends_finished(local_store, tmp_path):
+    import mlflow
+
+    from finetune import tracking
+    from finetune.tracking.store import RUN_ID_FILE
+
+    cfg, client = local_store
+    (tmp_path / "table.csv").write_text("a,b\n1,2\n")
+    with tracking.run(cfg, command="classify", output_dir=tmp_path / "out", run_name="named") as run:
+        assert mlflow.active_run().info.run_id == run.run_id
+        run.log_params({"backbone": "mobilenet_v2", "long": "x" * 7000})
+        run.log_artifact(tmp_path / "table.csv", "classify")
+        tracking.log_metrics({"loss": 0.5}, step=3)  # what train/ calls: the same run, through its session
+    assert mlflow.active_run() is None and run.summary is None
+    got = client.get_run(run.run_id)
+    assert got.info.status == "FINISHED" and got.info.run_name == "named"
+    assert got.data.tags["finetune.command"] == "classify" and got.data.tags["team"] == "vision"
+    assert got.data.tags["finetune.process_id"] == str(os.getpid())
+    assert scope_tags(got.data.tags) == {"finetune.command", "finetune.process_id"}
+    assert got.data.params["backbone"] == "mobilenet_v2" and len(got.data.params["long"]) == 6000
+    assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "loss")] == [(3, 0.5)]
+    assert [a.path for a in client.list_artifacts(run.run_id, "classify")] == ["classify/table.csv"]
+    assert (tmp_path / "out" / RUN_ID_FILE).read_text() == run.run_id
+
+
+def test_scope_ends_failed_with_the_error_tag(local_store, tmp_path):
+    import mlflow
+
+    from finetune import tracking
+
+    cfg, client = local_store
+    with pytest.raises(ValueError, match="bad pixel"):
+        with tracking.run(cfg, command="extract", output_dir=tmp_path) as run:
+            run.log_params({"layer": "block_1"})
+            raise ValueError("bad pixel")
+    got = client.get_run(run.run_id)
+    assert got.info.status == "FAILED" and got.data.tags["error"] == "ValueError: bad pixel"
+    assert got.data.params["layer"] == "block_1" and mlflow.active_run() is None
+    assert scope_tags(got.data.tags) == {"finetune.command", "finetune.process_id", "error"}
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+def test_scope_ends_killed_on_sigterm_and_ctrl_c(local_store, tmp_path, capsys, stop):
+    from finetune import tracking
+    from finetune.app.signals import Terminated
+
+    cfg, client = local_store
+    error = Terminated() if stop == "sigterm" else KeyboardInterrupt()
+    with pytest.raises(type(error)):
+        with tracking.run(cfg, command="train", output_dir=tmp_path, continue_hint="run the same command again") as run:
+            raise error
+    got = client.get_run(run.run_id)
+    what = "terminated by SIGTERM" if stop == "sigterm" else "interrupted (Ctrl-C)"
+    assert got.info.status == "KILLED" and got.data.tags["error"] == f"{what}; run the same command again"
+    line = f"finetune train: {what}. The run {run.run_id} ended KILLED; run the same command again."
+    assert line in capsys.readouterr().err and error.run_ended  # said once: the CLI does not say it again
+
+
+def test_scope_resumes_a_run_and_adds_to_another_without_touching_its_status(local_store, tmp_path):
+    from finetune import tracking
+
+    cfg, client = local_store
+    with tracking.run(cfg, command="train", output_dir=tmp_path / "train") as trained:
+        trained.log_metrics({"loss": 1.0}, step=0)
+    with tracking.run(cfg, command="train", output_dir=tmp_path / "train", resume_run_id=trained.run_id) as resumed:
+        resumed.log_metrics({"loss": 0.5}, step=1)
+    assert resumed.run_id == trained.run_id
+    assert [m.step for m in client.get_metric_history(trained.run_id, "loss")] == [0, 1]
+    before = client.get_run(trained.run_id)
+
+    with pytest.raises(RuntimeError):  # evaluate adding to the model's run fails: its status stays
+        with tracking.run(cfg, command="evaluate", output_dir=tmp_path / "eval", add_to_run_id=trained.run_id) as run:
+            run.log_metrics({"eval_test_accuracy": 0.9})
+            raise RuntimeError("disk full")
+    after = client.get_run(trained.run_id)
+    assert run.run_id == trained.run_id and not run.owned
+    assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
+    assert after.data.tags["evaluate.error"] == "RuntimeError: disk full" and "error" not in after.data.tags
+    assert after.data.tags["finetune.command"] == "train" and after.data.metrics["eval_test_accuracy"] == 0.9
 
 
 # -- a real server -------------------------------------------------------------------------------------
@@ -278,8 +410,8 @@ def test_server_killed_mid_run_training_finishes_at_full_speed_and_replay_delive
         assert blocked < 5, summary
         assert finished - killed_at < 120, (finished - killed_at, stderr[-2000:])
         assert stderr.count("is unreachable (") == 1  # one loud warning, not one per call
-        journal = out / tracking_buffer.JOURNAL_NAME
-        assert f"python -m finetune.tracking.outage {journal}" in summary
+        journal = out / JOURNAL_NAME
+        assert f"python -m finetune.tracking.journal {journal}" in summary
         assert "the run's end (FINISHED)" in summary
 
         kept = [json.loads(line) for line in journal.read_text().splitlines()]
@@ -287,7 +419,7 @@ def test_server_killed_mid_run_training_finishes_at_full_speed_and_replay_delive
         assert journaled_epochs and max(journaled_epochs) == epochs - 1, journaled_epochs  # the outage hit training
 
         server = start_server(port, root)  # same store, same port
-        assert tracking_buffer.main([str(journal)]) == 0
+        assert tracking_journal.main([str(journal)]) == 0
         client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
@@ -305,5 +437,114 @@ def test_server_killed_mid_run_training_finishes_at_full_speed_and_replay_delive
         print(f"training {finished - started:.1f} s, {finished - killed_at:.1f} s after the kill; "
               f"{blocked:.1f} s in failed calls; epoch gaps {gaps} s; journaled epochs {sorted(journaled_epochs)}",
               file=sys.stderr)
+    finally:
+        stop_server(server)
+
+
+# -- extract and evaluate: every command's run goes through the same scope --------------------------------
+def run_through_an_outage(args: list[str], port: int, server, out: Path, cwd: Path, cache_dir) -> dict:
+    """`finetune <args>` against the server, killed as soon as the command's run exists on it (the run id
+    file), so that everything the command logs meets a dead server. Returns what it took."""
+    command = cli_command([*args, f"tracking.uri=http://127.0.0.1:{port}", "tracking.experiment=outage",
+                           f"hydra.run.dir={out}"])
+    started = time.monotonic()
+    process = subprocess.Popen(command, cwd=cwd, env=cli_env(cache_dir), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while process.poll() is None and not (out / "mlflow_run_id").exists():
+        time.sleep(0.02)
+    stop_server(server)
+    killed_at = time.monotonic()
+    stdout, stderr = process.communicate(timeout=600)
+    finished = time.monotonic()
+    assert process.returncode == 0, stderr[-3000:]
+    summary = [line for line in stderr.splitlines() if "unreachable at the end of the run" in line]
+    assert summary, f"the command logged nothing while the server was away: {stderr[-2000:]}"
+    blocked = float(summary[0].split("(")[1].split(" s spent")[0])
+    journal = out / JOURNAL_NAME
+    assert f"python -m finetune.tracking.journal {journal}" in summary[0] and "the run's end (FINISHED)" in summary[0]
+    assert stderr.count("is unreachable (") == 1  # one loud warning, not one per call
+    return {"run_id": (out / "mlflow_run_id").read_text().strip(), "stdout": stdout, "journal": journal,
+            "entries": Journal(journal).pending(), "blocked_s": blocked, "after_kill_s": finished - killed_at,
+            "total_s": finished - started}
+
+
+def replayed_without_loss(port: int, outcome: dict):
+    """Replay the journal on the restarted server; every param, tag, metric and artifact the command journaled
+    is on the server, and the run ended FINISHED. Returns the server's view of the run."""
+    from mlflow import MlflowClient
+
+    assert tracking_journal.main([str(outcome["journal"])]) == 0
+    client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+    run_id = outcome["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    artifacts = {}
+    for entry in outcome["entries"]:
+        if entry["op"] == "params":
+            assert {k: run.data.params.get(k) for k in entry["params"]} == entry["params"]
+        elif entry["op"] == "tags":
+            assert {k: run.data.tags.get(k) for k in entry["tags"]} == entry["tags"]
+        elif entry["op"] == "metrics":
+            for key, value in entry["metrics"].items():
+                history = [(m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key)]
+                assert history == [(entry["step"], pytest.approx(value), entry["timestamp"])], key
+        elif entry["op"] == "artifact":
+            folder = entry["artifact_path"]
+            if folder not in artifacts:
+                artifacts[folder] = {Path(a.path).name: a.file_size for a in client.list_artifacts(run_id, folder)}
+            local = Path(entry["local_path"])
+            assert artifacts[folder].get(local.name) == local.stat().st_size, (local, artifacts[folder])
+    return run, client
+
+
+@pytest.mark.slow
+def test_server_killed_during_extract_costs_seconds_and_replay_delivers_everything(tmp_path, cache_dir):
+    port, root, out = free_port(), tmp_path / "server", tmp_path / "out"
+    root.mkdir()
+    server = start_server(port, root)
+    try:
+        outcome = run_through_an_outage(["extract", "backbone=mobilenet_v2", "backbone.weights=null",
+                                         "backbone.input_shape=[32,32]", *TINY_SHAPES], port, server, out,
+                                        tmp_path, cache_dir)
+        assert outcome["blocked_s"] < 30, outcome  # MLflow's own client blocks ~247 s at the first call
+        assert outcome["after_kill_s"] < 120, outcome
+        server = start_server(port, root)
+        run, client = replayed_without_loss(port, outcome)
+        manifest = json.loads((out / "manifest.json").read_text())  # what the command produced
+        assert run.data.tags["finetune.command"] == "extract"
+        assert run.data.params["backbone"] == manifest["backbone"] == "mobilenet_v2"
+        assert int(run.data.params["feature_dim"]) == manifest["feature_dim"]
+        assert {int(run.data.params[f"{s}_size"]) for s in manifest["counts"]} == set(manifest["counts"].values())
+        names = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "features")}
+        assert names == {"manifest.json", manifest["file"], "backbone.weights.h5"}
+        print(f"extract: {outcome['total_s']:.1f} s, {outcome['after_kill_s']:.1f} s after the kill, "
+              f"{outcome['blocked_s']:.1f} s in failed calls", file=sys.stderr)
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.slow
+def test_server_killed_during_evaluate_costs_seconds_and_replay_delivers_everything(tmp_path, cache_dir,
+                                                                                    trained_model):
+    port, root, out = free_port(), tmp_path / "server", tmp_path / "out"
+    root.mkdir()
+    server = start_server(port, root)
+    try:
+        model = trained_model["model_dir"] / "model.keras"  # a path: the new run is on the server
+        outcome = run_through_an_outage(["evaluate", f"model={model}", *trained_model["overrides"],
+                                         "evaluate.split=train"], port, server, out, tmp_path, cache_dir)
+        assert outcome["blocked_s"] < 30, outcome
+        assert outcome["after_kill_s"] < 120, outcome
+        server = start_server(port, root)
+        run, client = replayed_without_loss(port, outcome)
+        produced = json.loads((out / "evaluation" / "train" / "metrics.json").read_text())["metrics"]
+        for name in ("loss", "accuracy", "top3_accuracy", "macro_f1"):
+            assert run.data.metrics[f"eval_train_{name}"] == pytest.approx(produced[name]), name
+        assert run.data.tags["finetune.command"] == "evaluate" and run.data.tags["finetune.model_ref"] == str(model)
+        names = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "evaluation/train")}
+        assert names == {"confusion_matrix.png", "confusion_matrix.csv", "per_class.csv", "predictions.csv",
+                         "metrics.json"}
+        print(f"evaluate: {outcome['total_s']:.1f} s, {outcome['after_kill_s']:.1f} s after the kill, "
+              f"{outcome['blocked_s']:.1f} s in failed calls", file=sys.stderr)
     finally:
         stop_server(server)

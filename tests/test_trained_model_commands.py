@@ -150,7 +150,7 @@ def test_evaluate_path_model_logs_new_run_and_falls_back_to_val(cli, mlflow_clie
     assert "no test split; evaluating the validation split instead" in result.stdout
     (run,) = runs_of(mlflow_client, "eval_by_path")
     assert run.info.status == "FINISHED" and run.info.run_id != trained_model["run_id"]
-    assert run.data.tags["model_ref"] == keras_file and run.data.tags["finetune.command"] == "evaluate"
+    assert run.data.tags["finetune.model_ref"] == keras_file and run.data.tags["finetune.command"] == "evaluate"
     assert {"eval_val_accuracy", "eval_val_loss", "eval_val_size"} <= set(run.data.metrics)
     paths = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "evaluation/val")}
     assert "evaluation/val/confusion_matrix.png" in paths

@@ -51,9 +51,7 @@ def precheck(command: str, args: list[str]) -> str | None:
 
     Besides composition errors: `_target_`s and logging factories outside finetune.app.guards's
     allow-list, and output paths that are unwritable or outside where finetune may write. A sweep
-    (-m) is composed as Hydra composes it for a multirun, which leaves its sweep values out: the
-    overrides are checked first, each sweep value on its own, so an unsafe one is refused even where
-    the composition fails (which Hydra's own run would then fail on too: one line here instead)."""
+    (-m) is composed as Hydra composes it for a multirun; its composition errors stay Hydra's."""
     overrides, multirun = overrides_of(args), False
     if overrides is None and _MULTIRUN & set(args):
         overrides, multirun = overrides_of(args, multirun=True), True
@@ -61,16 +59,16 @@ def precheck(command: str, args: list[str]) -> str | None:
         return None
     from finetune.app import guards as safety
     register_configs()
-    problem = safety.check_overrides(overrides, multirun=True) if multirun else None
-    if problem:
-        return problem
     try:
         with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3", job_name=command):
             if multirun:
                 from hydra.types import RunMode
 
-                cfg = GlobalHydra.instance().hydra.compose_config(
-                    config_name=command, overrides=overrides, run_mode=RunMode.MULTIRUN, from_shell=True)
+                try:
+                    cfg = GlobalHydra.instance().hydra.compose_config(
+                        config_name=command, overrides=overrides, run_mode=RunMode.MULTIRUN, from_shell=True)
+                except Exception:  # noqa: BLE001 - Hydra reports a sweep's composition errors itself
+                    return None
             else:
                 cfg = hydra.compose(config_name=command, overrides=overrides, return_hydra_config=True)
             problem = safety.check_targets(cfg)
@@ -150,7 +148,7 @@ def _task(command: str):
 
                 result = run_isolated(command, cfg, output_dir)
             else:
-                with sigterm_raises():  # every command's MLflow run ends (FAILED/KILLED), never left RUNNING
+                with sigterm_raises():  # every command's MLflow run ends KILLED, never left RUNNING
                     result = module.run(cfg, output_dir)
         except FinetuneError as error:
             if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -158,8 +156,8 @@ def _task(command: str):
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
         except Terminated as stop:  # exit 128 + signal, as a shell would
-            if command != "train":  # train says itself what it kept and how to continue
-                print(f"finetune {command}: {stop}; its MLflow run ended FAILED", file=sys.stderr)
+            if not getattr(stop, "run_ended", False):  # else the run scope said how its MLflow run ended
+                print(f"finetune {command}: {stop}", file=sys.stderr)
             sys.exit(128 + int(stop.signum))
         except KeyboardInterrupt:
             if hydra_cfg.mode == RunMode.MULTIRUN:

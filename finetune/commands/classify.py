@@ -20,26 +20,16 @@ def run(cfg, output_dir: Path) -> dict:
     check_classify(cfg, spec)
     images = list_images(cfg.images)
     class_index = load_class_index(cfg.classify.class_index)
-    import mlflow
-
     from finetune import tracking
 
-    experiment_id = tracking.use_experiment(cfg.tracking)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name,
-                          tags={"command": "classify", **dict(cfg.tracking.tags)}) as active:
-        try:
-            rows = classify_images(cfg, spec, images, class_index)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            files = write_outputs(rows, output_dir, cfg.classify.output)
-            tracking.log_params({"command": "classify", "backbone": spec.name,
-                                 "weights": str(cfg.backbone.weights), "top_k": cfg.classify.top_k,
-                                 "num_images": len(images)})
-            for path in files:
-                mlflow.log_artifact(str(path), "classify")
-        except BaseException as error:  # the run ends FAILED; say why on the run itself
-            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
-            raise
-        run_id = active.info.run_id
+    with tracking.run(cfg, command="classify", output_dir=output_dir) as run:
+        rows = classify_images(cfg, spec, images, class_index)
+        files = write_outputs(rows, output_dir, cfg.classify.output)
+        run.log_params({"command": "classify", "backbone": spec.name, "weights": str(cfg.backbone.weights),
+                        "top_k": cfg.classify.top_k, "num_images": len(images)})
+        for path in files:
+            run.log_artifact(path, "classify")
+    run_id = run.run_id
     print_table(rows, int(cfg.classify.top_k))
     print(f"\n{len(images)} image(s) classified; table: {', '.join(str(f) for f in files)}; MLflow run {run_id}")
     return {"images": len(images)}

@@ -47,16 +47,25 @@ def run(cfg, output_dir: Path) -> dict:
     print(f"evaluating {cfg.model} on {dataset.name} ({split}: {size} images, {len(classes)} classes)",
           flush=True)
 
-    probs, labels, paths = _predict_split(bundle, dataset, split, batch_size, bool(cfg.model_safe_mode))
-    labels = label_order[labels]  # dataset label index -> model class index
-    metrics, per_class, matrix = compute_metrics(probs, labels, classes, k)
-    files = _write_files(output_dir, split, dataset.name, str(cfg.model), classes, metrics, per_class,
-                         matrix, probs, labels, paths)
-    prefixed = {f"eval_{split}_{metric_key(name)}": value for name, value in metrics.items()}
-    prefixed.update({f"eval_{split}_{metric_key(f'{m}_{c}')}": per_class[c][m]
-                     for c in classes for m in ("precision", "recall", "f1")})
-    run_id, experiment_id, uri, where = _log(cfg, bundle, split, dataset.name, k, prefixed, files)
-    _print_summary(metrics, per_class, classes, split, k, output_dir, run_id, experiment_id, uri, where)
+    from finetune import tracking
+
+    model_run = _model_run(cfg, bundle)  # evaluated from that run's model: add to it
+    with tracking.run(cfg, command="evaluate", output_dir=output_dir, add_to_run_id=model_run,
+                      run_name=f"evaluate {split}", tags=_new_run_tags(cfg, bundle)) as run:
+        probs, labels, paths = _predict_split(bundle, dataset, split, batch_size, bool(cfg.model_safe_mode))
+        labels = label_order[labels]  # dataset label index -> model class index
+        metrics, per_class, matrix = compute_metrics(probs, labels, classes, k)
+        files = _write_files(output_dir, split, dataset.name, str(cfg.model), classes, metrics, per_class,
+                             matrix, probs, labels, paths)
+        prefixed = {f"eval_{split}_{metric_key(name)}": value for name, value in metrics.items()}
+        prefixed.update({f"eval_{split}_{metric_key(f'{m}_{c}')}": per_class[c][m]
+                         for c in classes for m in ("precision", "recall", "f1")})
+        run.log_metrics(prefixed)
+        run.set_tags({f"eval_{split}_dataset": dataset.name, f"eval_{split}_top_k": str(k)})
+        for path in files:
+            run.log_artifact(path, f"evaluation/{split}")
+    _print_summary(metrics, per_class, classes, split, k, output_dir, run.run_id, run.experiment_id, run.uri,
+                   "the model's run" if model_run else "a new run")
     return prefixed
 
 
@@ -182,56 +191,24 @@ def _write_files(out: Path, split, dataset_name, model_ref, classes, metrics, pe
 
 
 # -- MLflow ---------------------------------------------------------------------------------------
-def _log(cfg, bundle, split, dataset_name, k, metrics: dict, files: list[Path]):
-    """Log into the model's run or a new one; returns (run id, experiment id, store uri, description)."""
-    import mlflow
-    from mlflow import MlflowClient
+def _model_run(cfg, bundle) -> str | None:
+    """The model's own run, when the evaluation is to be added to it (it came from a FINISHED run)."""
+    from finetune.tracking import tracking_uri
+    from finetune.tracking.scope import run_info
 
-    from finetune import tracking
-
-    uri = tracking.tracking_uri(cfg.tracking)
-    mlflow.set_tracking_uri(uri)
-    tags = {f"eval_{split}_dataset": dataset_name, f"eval_{split}_top_k": str(k)}
-    reopen = None
-    if bundle.run_id and cfg.evaluate.log_to_model_run:
-        model_run = MlflowClient().get_run(bundle.run_id)
-        if model_run.info.status == "FINISHED":
-            reopen = model_run
-        else:
-            print(f"note: the model's run {bundle.run_id} is {model_run.info.status}; logging to a new run",
-                  flush=True)
-    artifact_dir = f"evaluation/{split}"
-    if reopen is not None:
-        with mlflow.start_run(run_id=reopen.info.run_id) as active:
-            try:
-                _record(metrics, tags, files, artifact_dir)
-            except BaseException as error:
-                # the evaluation failed, not the training: the model's run keeps its FINISHED status
-                mlflow.set_tag("eval_error", f"{type(error).__name__}: {error}"[:5000])
-                mlflow.end_run("FINISHED")
-                raise
-        return active.info.run_id, reopen.info.experiment_id, uri, "the model's run"
-    experiment_id = tracking.use_experiment(cfg.tracking)
-    run_tags = {**dict(cfg.tracking.tags), "finetune.command": "evaluate", "model_ref": str(cfg.model)}
-    if bundle.run_id:
-        run_tags["model_run_id"] = bundle.run_id
-    run_name = cfg.tracking.run_name or f"evaluate {split}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=run_tags) as active:
-        try:
-            _record(metrics, tags, files, artifact_dir)
-        except BaseException as error:
-            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
-            raise
-    return active.info.run_id, experiment_id, uri, "a new run"
+    if not (bundle.run_id and cfg.evaluate.log_to_model_run):
+        return None
+    status = run_info(tracking_uri(cfg.tracking), bundle.run_id).status
+    if status != "FINISHED":
+        print(f"note: the model's run {bundle.run_id} is {status}; logging to a new run", flush=True)
+        return None
+    return bundle.run_id
 
 
-def _record(metrics: dict, tags: dict, files: list[Path], artifact_dir: str) -> None:
-    import mlflow
+def _new_run_tags(cfg, bundle) -> dict:
+    from finetune.tracking.scope import MODEL_REF_TAG, MODEL_RUN_TAG
 
-    mlflow.log_metrics(metrics)
-    mlflow.set_tags(tags)
-    for path in files:
-        mlflow.log_artifact(str(path), artifact_dir)
+    return {MODEL_REF_TAG: str(cfg.model), **({MODEL_RUN_TAG: bundle.run_id} if bundle.run_id else {})}
 
 
 # -- summary --------------------------------------------------------------------------------------

@@ -62,11 +62,7 @@ def run(cfg, output_dir: Path) -> dict:
     }
     (out / "export_report.json").write_text(json.dumps(report, indent=1))
     _print(report)
-    report["mlflow_run_id"] = _log(cfg, bundle, out, rows, report, formats)
-    (out / "export_report.json").write_text(json.dumps(report, indent=1))  # now with the run id
-    if failures:
-        raise exporting.ExportCheckError("export check failed: " + "; ".join(failures)
-                                         + f" (report: {out / 'export_report.json'})")
+    _log(cfg, bundle, out, output_dir, rows, report, formats)
     return report
 
 
@@ -160,59 +156,33 @@ def _print(report: dict) -> None:
     print(f"  outputs                  {report['output']}")
 
 
-def _log(cfg, bundle, out: Path, rows, report, formats) -> str:
-    """Artifacts, metrics and the report to the model's run (status untouched), else a new run."""
-    import mlflow
-    from mlflow import MlflowClient
-
+def _log(cfg, bundle, out: Path, output_dir: Path, rows, report, formats) -> None:
+    """Artifacts, metrics and the report to the model's run (its status untouched), else a new run; a failed
+    check raises inside the run, which ends FAILED (a new run) or gets an `export.error` tag (the model's)."""
     from finetune import tracking
+    from finetune.tracking.scope import MODEL_REF_TAG, MODEL_RUN_TAG
 
-    experiment_id = tracking.use_experiment(cfg.tracking)
     metrics = {}
     for row in rows:
         for key in ("max_abs_diff", "top1_agreement", "size_kb"):
             if row[key] == row[key]:  # not NaN
                 metrics[f"export_{row['format']}_{key}"] = float(row[key])
     files = [Path(row["path"]) for row in rows] + [out / "export_report.json", out / "label_map.json"]
-    files = [f for f in files if f.exists()]
-    status_tag = "passed" if report["passed"] else "failed"
-    if bundle.run_id:
-        # The training run: log through the client so its status (FINISHED) is never touched.
-        client = MlflowClient()
-        run_id = bundle.run_id
-        for path in files:
-            if path.is_dir():
-                client.log_artifacts(run_id, str(path), f"export/{path.name}")
-            else:
-                client.log_artifact(run_id, str(path), "export")
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, now, 0) for k, v in metrics.items()],
-                         tags=[mlflow.entities.RunTag("export.formats", ",".join(formats)),
-                               mlflow.entities.RunTag("export.quantize", report["quantize"]),
-                               mlflow.entities.RunTag("export.check", status_tag)])
-    else:
-        active = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name or "export",
-                                  tags={**dict(cfg.tracking.tags), "command": "export"})
-        run_id, status = active.info.run_id, "FAILED"
-        try:
-            mlflow.log_params({"model": str(cfg.model)[:500], "formats": ",".join(formats),
-                               "quantize": report["quantize"], "check_images": report["check_images"]})
-            for path in files:
-                if path.is_dir():
-                    mlflow.log_artifacts(str(path), f"export/{path.name}")
-                else:
-                    mlflow.log_artifact(str(path), "export")
-            mlflow.log_metrics(metrics)
-            mlflow.set_tag("export.check", status_tag)
-            if report["passed"]:
-                status = "FINISHED"
-            else:
-                mlflow.set_tag("error", "; ".join(report["failures"])[:5000])
-        except BaseException as error:  # the run ends FAILED; say why on the run itself
-            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
-            raise
-        finally:
-            mlflow.end_run(status=status)
-    where = "  (the model's run, under export/)" if bundle.run_id else ""
-    print(f"  mlflow run               {run_id}{where}")
-    return run_id
+    tags = {MODEL_REF_TAG: str(cfg.model)[:500], **({MODEL_RUN_TAG: bundle.run_id} if bundle.run_id else {})}
+    with tracking.run(cfg, command="export", output_dir=output_dir, add_to_run_id=bundle.run_id,
+                      run_name="export", tags=tags) as run:
+        report["mlflow_run_id"] = run.run_id
+        (out / "export_report.json").write_text(json.dumps(report, indent=1))  # now with the run id
+        if not bundle.run_id:
+            run.log_params({"model": str(cfg.model)[:500], "formats": ",".join(formats),
+                            "quantize": report["quantize"], "check_images": report["check_images"]})
+        for path in (f for f in files if f.exists()):
+            run.log_artifact(path, f"export/{path.name}" if path.is_dir() else "export")
+        run.log_metrics(metrics)
+        run.set_tags({"export.formats": ",".join(formats), "export.quantize": report["quantize"],
+                      "export.check": "passed" if report["passed"] else "failed"})
+        where = "  (the model's run, under export/)" if bundle.run_id else ""
+        print(f"  mlflow run               {run.run_id}{where}")
+        if report["failures"]:
+            raise exporting.ExportCheckError("export check failed: " + "; ".join(report["failures"])
+                                             + f" (report: {out / 'export_report.json'})")

@@ -32,27 +32,18 @@ def run(cfg, output_dir: Path) -> dict:
 
         raise ConfigError("extract.output" if cfg.extract.output else "hydra.run.dir", str(out),
                           f"a folder this user can create and write ({error.strerror})") from None
-    import mlflow
-
     from finetune import tracking
 
-    experiment_id = tracking.use_experiment(cfg.tracking)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name,
-                          tags={"command": "extract", **dict(cfg.tracking.tags)}) as active:
-        try:
-            manifest = extract(cfg, spec, dataset, images, out)
-            tracking.log_params({"command": "extract", "backbone": spec.name, "weights": manifest["weights"],
-                                 "layer": manifest["layer"], "input_shape": manifest["input_shape"],
-                                 "dataset": manifest["dataset"], "feature_dim": manifest["feature_dim"],
-                                 "format": manifest["format"],
-                                 **{f"{k}_size": v for k, v in manifest["counts"].items()}})
-            for name in [MANIFEST, manifest["file"], *([manifest["backbone_weights_file"]]
-                                                        if manifest.get("backbone_weights_file") else [])]:
-                mlflow.log_artifact(str(out / name), "features")
-        except BaseException as error:  # the run ends FAILED; say why on the run itself
-            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
-            raise
-        run_id = active.info.run_id
+    with tracking.run(cfg, command="extract", output_dir=output_dir) as run:
+        manifest = extract(cfg, spec, dataset, images, out)
+        run.log_params({"command": "extract", "backbone": spec.name, "weights": manifest["weights"],
+                        "layer": manifest["layer"], "input_shape": manifest["input_shape"],
+                        "dataset": manifest["dataset"], "feature_dim": manifest["feature_dim"],
+                        "format": manifest["format"], **{f"{k}_size": v for k, v in manifest["counts"].items()}})
+        for name in [MANIFEST, manifest["file"], *([manifest["backbone_weights_file"]]
+                                                    if manifest.get("backbone_weights_file") else [])]:
+            run.log_artifact(out / name, "features")
+    run_id = run.run_id
     print("\n== finetune extract: done ==")
     print(f"  vectors      {sum(manifest['counts'].values())} x {manifest['feature_dim']} "
           f"({', '.join(f'{k}={v}' for k, v in manifest['counts'].items())})")

@@ -1,12 +1,10 @@
 """`finetune train`: dataset -> trained model + an MLflow run holding everything about it."""
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 from finetune.config.schema import OBJECTIVE_METRIC
-from finetune.tracking.store import RUN_ID_FILE
+from finetune.tracking.scope import sweep_child_tags
 from finetune.app.checks import validate_train
 
 
@@ -18,30 +16,23 @@ def run(cfg, output_dir: Path) -> dict:
     An interrupted run of the same config (killed, or SIGTERM) is continued: same run directory, same
     MLflow run, from its last completed epoch (trainer.resume)."""
     from finetune import tracking
+    from finetune.app.signals import sigterm_raises
     from finetune.train import checkpoint
-    from finetune.app.signals import Terminated, sigterm_raises
-    import mlflow
 
-    tags = sweep_tags()
-    prepared = None if tags else prepare(cfg)
+    in_sweep = bool(sweep_child_tags())
+    prepared = None if in_sweep else prepare(cfg)
     key = checkpoint.config_hash(cfg)
-    previous = find_interrupted(cfg, key, in_sweep=bool(tags))
-    experiment_id = tracking.use_experiment(cfg.tracking)
+    previous = find_interrupted(cfg, key, in_sweep=in_sweep)
     if previous:
         output_dir = Path(previous["out_dir"])
         print(f"continuing the interrupted run {previous['run_id']} in {output_dir} "
               "(trainer.resume=never starts a new run)")
-        start = {"run_id": previous["run_id"]}
-    else:
-        run_name = cfg.tracking.run_name or (f"job {tags['sweep_job']}" if tags else None)
-        start = {"experiment_id": experiment_id, "run_name": run_name, "tags": {**tags, **dict(cfg.tracking.tags)}}
-    with sigterm_raises(), mlflow.start_run(**start) as active:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(output_dir) / RUN_ID_FILE).write_text(active.info.run_id)  # for sweepers and scripts
-        tracking.start_session(active.info.run_id, output_dir)  # logging that survives a server outage
-        tracking.set_tag("process_id", str(os.getpid()))  # sweep jobs: which shared a process
-        if cfg.trainer.checkpoint and not tags:
-            checkpoint.record_run(key, output_dir, active.info.run_id)
+    hint = (f"run the same command again (or trainer.resume={output_dir}) to continue from the last "
+            "completed epoch")
+    with sigterm_raises(), tracking.run(cfg, command="train", output_dir=output_dir, continue_hint=hint,
+                                        resume_run_id=previous["run_id"] if previous else None) as active:
+        if cfg.trainer.checkpoint and not in_sweep:
+            checkpoint.record_run(key, output_dir, active.run_id)
         try:
             if prepared is None:
                 prepared = _prepare_logged(cfg)
@@ -49,24 +40,12 @@ def run(cfg, output_dir: Path) -> dict:
             if previous and resume is None:
                 print(f"   the checkpoint in {output_dir} is unreadable: training again from the start")
             metrics = _train_in_run(cfg, *prepared, output_dir, resume)
-            tracking.log_metrics({"process_rss_mb": tracking.process_rss_mb()})  # memory across sweep jobs
-        except (Terminated, KeyboardInterrupt) as stop:  # keep the checkpoint and the index entry
-            what = stop if isinstance(stop, Terminated) else "interrupted (Ctrl-C)"
-            tracking.set_tag("error", f"{what}; the same command continues it")
-            tracking.end_run("KILLED")
-            print(f"\nfinetune train: {what}. The run {active.info.run_id} ended KILLED; run the same command "
-                  f"again (or trainer.resume={output_dir}) to continue from the last completed epoch.",
-                  file=sys.stderr)
-            raise
-        except BaseException as error:  # the run ends FAILED; say why on the run itself
-            tracking.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
-            tracking.end_run("FAILED")
+            active.log_metrics({"process_rss_mb": tracking.process_rss_mb()})  # memory across sweep jobs
+        except (Exception, SystemExit):  # failed: no continuing it (a kill keeps the checkpoint and index entry)
             checkpoint.forget_run(key)
             raise
         checkpoint.forget_run(key)
-        tracking.end_run("FINISHED")  # replays what an outage held back, ends the run, says what was lost
-        run_id = active.info.run_id
-    _print_summary(metrics, run_id, experiment_id, output_dir, tracking.tracking_uri(cfg.tracking))
+    _print_summary(metrics, active.run_id, active.experiment_id, output_dir, active.uri)
     return metrics
 
 
@@ -122,30 +101,14 @@ def _prepare_logged(cfg):
         raise
 
 
-def sweep_tags() -> dict:
-    """In a Hydra multirun: the parent run's id (so MLflow nests this run) and the job's overrides."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from finetune.sweep.parent import parent_run_id
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return {}
-    hydra_cfg = HydraConfig.get()
-    parent = parent_run_id(hydra_cfg.sweep.dir)
-    tags = {"finetune.sweep": "child", "sweep_job": str(hydra_cfg.job.num),
-            "sweep_overrides": " ".join(hydra_cfg.overrides.task)[:5000]}
-    return {**tags, "mlflow.parentRunId": parent} if parent else tags
-
-
 def _train_in_run(cfg, spec, dataset, output_dir: Path, resume: dict | None = None) -> dict:
     if dataset is None:
-        from finetune.train.run import train_on_feature_file
+        from finetune.train.feature_run import FeatureRun
 
-        return train_on_feature_file(cfg, output_dir)
-    from finetune.train.run import train_on_images
+        return FeatureRun(cfg, output_dir).execute()
+    from finetune.train.run import TrainRun
 
-    return train_on_images(cfg, spec, dataset, output_dir, resume=resume)
+    return TrainRun(cfg, spec, dataset, output_dir, resume=resume).execute()
 
 
 def _print_summary(metrics, run_id, experiment_id, output_dir, uri) -> None:

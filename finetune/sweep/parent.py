@@ -18,27 +18,32 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-PARENT_FILE = "mlflow_parent_run_id"
 from finetune.config.schema import OBJECTIVE_METRIC as OBJECTIVE
+from finetune.tracking.scope import PARENT_FILE, parent_run_id  # noqa: F401 - where sweep callers looked for them
 from finetune.tracking.store import RUN_ID_FILE  # noqa: F401 - where sweep callers looked for it
 OPTUNA_SWEEPER = "hydra_plugins.finetune_optuna_sweeper."  # prefix of its _target_
 STUDY_TAG = "optuna.study"
 
 
-def parent_run_id(sweep_dir) -> str | None:
-    """The sweep's parent run id, as the callback recorded it in the sweep folder."""
-    path = Path(str(sweep_dir)) / PARENT_FILE
-    return path.read_text().strip() if path.is_file() else None
+def _command(config: DictConfig) -> str:
+    return str(config.hydra.job.name)
+
+
+def _parent(config: DictConfig, run_id: str | None = None, running: bool = False):
+    """The sweep's parent run through the run scope's pieces (outage-safe logging), or None."""
+    from finetune.tracking.scope import reopen_sweep_parent
+
+    return reopen_sweep_parent(config, _command(config), config.hydra.sweep.dir, run_id, running=running)
 
 
 def _client(config: DictConfig):
-    import mlflow
+    """A client for reading the sweep's runs (children, an earlier study's parent)."""
     from mlflow import MlflowClient
 
     from finetune import tracking
 
     experiment_id = tracking.use_experiment(config.tracking)
-    return MlflowClient(tracking_uri=mlflow.get_tracking_uri()), experiment_id
+    return MlflowClient(tracking_uri=tracking.tracking_uri(config.tracking)), experiment_id
 
 
 def continues_after_failures(config: DictConfig) -> bool:
@@ -57,13 +62,12 @@ def study_key(config: DictConfig) -> str | None:
 
 def end_parent(config: DictConfig, status: str, reason: str | None = None) -> None:
     """End the sweep's parent run now (FAILED / KILLED), saying why."""
-    parent = parent_run_id(config.hydra.sweep.dir)
-    if not parent:
+    parent = _parent(config)
+    if parent is None:
         return
-    client, _ = _client(config)
     if reason:
-        client.set_tag(parent, "error", reason[:5000])
-    client.set_terminated(parent, status=status)
+        parent.set_tag("error", reason)
+    parent.end(status)
 
 
 class MlflowSweepCallback(Callback):
@@ -74,20 +78,17 @@ class MlflowSweepCallback(Callback):
         key = study_key(config)
         resumed = self._resumable_parent(client, experiment_id, key) if key else None
         if resumed:
-            run_id = resumed.info.run_id
-            client.update_run(run_id, status="RUNNING")
-            client.set_tag(run_id, "resumed_in", str(sweep_dir.resolve()))
-            client.set_tag(run_id, "resumed_overrides", overrides)
-            for child in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}' "
+            parent = _parent(config, resumed.info.run_id, running=True)
+            parent.set_tags({"resumed_in": str(sweep_dir.resolve()), "resumed_overrides": overrides})
+            for child in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}' "
                                             "and attributes.status = 'RUNNING'"):
                 client.set_tag(child.info.run_id, "error", "interrupted: the sweep process stopped")
                 client.set_terminated(child.info.run_id, status="KILLED")
-            print(f"[finetune] resuming study {key.rsplit('#', 1)[1]!r}; MLflow parent run: {run_id}")
+            print(f"[finetune] resuming study {key.rsplit('#', 1)[1]!r}; MLflow parent run: {parent.run_id}")
         else:
-            run_id = self._new_parent(client, experiment_id, config, sweep_dir, overrides, key)
-            print(f"[finetune] MLflow parent run for this sweep: {run_id}")
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / PARENT_FILE).write_text(run_id)
+            parent = self._new_parent(config, sweep_dir, overrides, key)
+            print(f"[finetune] MLflow parent run for this sweep: {parent.run_id}")
+        parent.end(None)  # sends what an outage held back; the parent stays RUNNING until the sweep ends
 
     @staticmethod
     def _resumable_parent(client, experiment_id: str, key: str):
@@ -96,21 +97,19 @@ class MlflowSweepCallback(Callback):
         return found[0] if found else None
 
     @staticmethod
-    def _new_parent(client, experiment_id, config, sweep_dir: Path, overrides: str, key) -> str:
+    def _new_parent(config, sweep_dir: Path, overrides: str, key):
+        from finetune.tracking.scope import open_sweep_parent
         from finetune.tracking.store import flatten
 
         sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=True, enum_to_str=True)
         launcher = OmegaConf.to_container(config.hydra.launcher, resolve=True, enum_to_str=True)
-        tags = {"finetune.sweep": "parent", "sweep_dir": str(sweep_dir.resolve()),
-                "sweeper": str(sweeper.pop("_target_", "")), "launcher": str(launcher.get("_target_", ""))}
+        tags = {"sweep_dir": str(sweep_dir.resolve()), "sweeper": str(sweeper.pop("_target_", "")),
+                "launcher": str(launcher.get("_target_", ""))}
         if key:
             tags[STUDY_TAG] = key
-        run = client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags)
-        params = {"sweep_overrides": overrides, "objective": OBJECTIVE,
-                  **{k: v[:6000] for k, v in flatten(sweeper, "sweeper.").items()}}
-        for name, value in params.items():
-            client.log_param(run.info.run_id, name, value)
-        return run.info.run_id
+        parent = open_sweep_parent(config, _command(config), sweep_dir, run_name=f"sweep {sweep_dir.name}", tags=tags)
+        parent.log_params({"sweep_overrides": overrides, "objective": OBJECTIVE, **flatten(sweeper, "sweeper.")})
+        return parent
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         from hydra.core.utils import JobStatus
@@ -118,24 +117,22 @@ class MlflowSweepCallback(Callback):
         multirun = str(config.hydra.mode).endswith("MULTIRUN")  # an enum, or its name
         if not multirun or job_return.status != JobStatus.FAILED or continues_after_failures(config):
             return
-        parent = parent_run_id(config.hydra.sweep.dir)
-        if parent:
-            client, _ = _client(config)
-            client.set_tag(parent, "failed_job", " ".join(job_return.overrides or [])[:5000])
-            client.set_terminated(parent, status="FAILED")
+        parent = _parent(config)
+        if parent is not None:
+            parent.set_tag("failed_job", " ".join(job_return.overrides or []))
+            parent.end("FAILED")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        parent = parent_run_id(config.hydra.sweep.dir)
-        if not parent:
+        parent = _parent(config)
+        if parent is None:
             return
         client, experiment_id = _client(config)
-        children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+        children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
         scored = [r for r in children if OBJECTIVE in r.data.metrics]
         if scored:
             best = max(scored, key=lambda r: r.data.metrics[OBJECTIVE])
-            client.log_metric(parent, f"best_{OBJECTIVE}", best.data.metrics[OBJECTIVE])
-            client.set_tag(parent, "best_run_id", best.info.run_id)
-        client.log_metric(parent, "jobs", len(children))
-        client.log_metric(parent, "failed_jobs", sum(r.info.status == "FAILED" for r in children))
-        if client.get_run(parent).info.status == "RUNNING":
-            client.set_terminated(parent, status="FINISHED")
+            parent.log_metrics({f"best_{OBJECTIVE}": best.data.metrics[OBJECTIVE]})
+            parent.set_tag("best_run_id", best.info.run_id)
+        parent.log_metrics({"jobs": len(children), "failed_jobs": sum(r.info.status == "FAILED" for r in children)})
+        still_running = client.get_run(parent.run_id).info.status == "RUNNING"
+        parent.end("FINISHED" if still_running else None)

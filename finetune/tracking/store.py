@@ -41,21 +41,27 @@ def use_experiment(cfg_tracking) -> str:
 
     A remote server that cannot be reached gets a few seconds (2 retries), then one error line,
     instead of MLflow's default 7 retries with backoff (about 4 minutes) and a traceback."""
-    from finetune.tracking import outage as tracking_buffer
-    from finetune.errors import FinetuneError
-
     uri = tracking_uri(cfg_tracking)
     mlflow.set_tracking_uri(uri)
-    if not tracking_buffer.is_remote(uri):
-        return _use_experiment(cfg_tracking, uri)
+    return startup_call(uri, _use_experiment, cfg_tracking, uri)
+
+
+def startup_call(uri: str, function, *args, **kwargs):
+    """`function(*args, **kwargs)` before a run's Session exists (finding the experiment, starting the run):
+    on a remote server, bounded to 2 retries (~3 s), and an unreachable server is one FinetuneError line."""
+    from finetune.errors import FinetuneError
+    from finetune.tracking import outage
+
+    if not outage.is_remote(uri):
+        return function(*args, **kwargs)
     try:
-        with tracking_buffer.bounded_http(retries=tracking_buffer.STARTUP_RETRIES):
-            return _use_experiment(cfg_tracking, uri)
+        with outage.bounded_http(retries=outage.STARTUP_RETRIES):
+            return function(*args, **kwargs)
     except Exception as error:  # noqa: BLE001
-        if not tracking_buffer.is_outage(error):
+        if not outage.is_outage(error):
             raise
         raise FinetuneError(f"tracking.uri: the tracking server {uri} is unreachable "
-                            f"({tracking_buffer.reason(error)}); start it, or log to a local store "
+                            f"({outage.reason(error)}); start it, or log to a local store "
                             f"(tracking.uri=null: sqlite in the working directory)") from None
 
 
@@ -84,37 +90,26 @@ def flatten(tree, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict) and value:
             flat.update(flatten(value, f"{name}."))
         else:
-            flat[name[:MAX_PARAM_KEY]] = _param_value(value)
+            flat[name[:MAX_PARAM_KEY]] = param_value(value)
     return flat
 
 
-def _param_value(value) -> str:
+def param_value(value) -> str:
     text = str(value)
     return text if len(text) <= MAX_PARAM_VALUE else text[:MAX_PARAM_VALUE - 3] + "..."
 
 
-# What a run logs goes through these: on a remote tracking server, through the run's
-# finetune.tracking.outage session (bounded calls; journaled and replayed while the server is away);
-# otherwise (local stores, no session) straight to MLflow as always.
+# What a run logs goes through these: inside a run scope (finetune.tracking.scope), through the run's
+# finetune.tracking.outage Session (bounded calls; journaled and replayed while a server is away);
+# outside one, straight to MLflow's active run as always.
 def _session():
-    from finetune.tracking import outage as tracking_buffer
-    return tracking_buffer.current()
+    from finetune.tracking import outage
 
-
-def start_session(run_id: str, output_dir):
-    """Route the active run's logging through finetune.tracking.outage (journal in output_dir)."""
-    from finetune.tracking import outage as tracking_buffer
-    return tracking_buffer.start(run_id, mlflow.get_tracking_uri(), output_dir)
-
-
-def end_run(status: str = "FINISHED") -> str | None:
-    """End the active run: replay what an outage held back first; returns the outage summary, if any."""
-    from finetune.tracking import outage as tracking_buffer
-    return tracking_buffer.end_run(status)
+    return outage.current()
 
 
 def log_params(params: dict) -> None:
-    items = [(k[:MAX_PARAM_KEY], _param_value(v)) for k, v in params.items()]
+    items = [(k[:MAX_PARAM_KEY], param_value(v)) for k, v in params.items()]
     session = _session()
     for start in range(0, len(items), PARAM_BATCH):
         (session.log_params if session else mlflow.log_params)(dict(items[start:start + PARAM_BATCH]))
