@@ -51,7 +51,9 @@ def precheck(command: str, args: list[str]) -> str | None:
 
     Besides composition errors: `_target_`s and logging factories outside finetune.app.guards's
     allow-list, and output paths that are unwritable or outside where finetune may write. A sweep
-    (-m) is composed as Hydra composes it for a multirun; its composition errors stay Hydra's."""
+    (-m) is composed as Hydra composes it for a multirun, which leaves its sweep values out: the
+    overrides are checked first, each sweep value on its own, so an unsafe one is refused even where
+    the composition fails (which Hydra's own run would then fail on too: one line here instead)."""
     overrides, multirun = overrides_of(args), False
     if overrides is None and _MULTIRUN & set(args):
         overrides, multirun = overrides_of(args, multirun=True), True
@@ -59,16 +61,16 @@ def precheck(command: str, args: list[str]) -> str | None:
         return None
     from finetune.app import guards as safety
     register_configs()
+    problem = safety.check_overrides(overrides, multirun=True) if multirun else None
+    if problem:
+        return problem
     try:
         with hydra.initialize_config_dir(str(conf_dir()), version_base="1.3", job_name=command):
             if multirun:
                 from hydra.types import RunMode
 
-                try:
-                    cfg = GlobalHydra.instance().hydra.compose_config(
-                        config_name=command, overrides=overrides, run_mode=RunMode.MULTIRUN, from_shell=True)
-                except Exception:  # noqa: BLE001 - Hydra reports a sweep's composition errors itself
-                    return None
+                cfg = GlobalHydra.instance().hydra.compose_config(
+                    config_name=command, overrides=overrides, run_mode=RunMode.MULTIRUN, from_shell=True)
             else:
                 cfg = hydra.compose(config_name=command, overrides=overrides, return_hydra_config=True)
             problem = safety.check_targets(cfg)

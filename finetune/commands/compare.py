@@ -6,6 +6,10 @@ from pathlib import Path
 
 from finetune.errors import ConfigError
 
+# A metric whose name holds one of these is better when lower (final_val_loss, eval_test_loss, ...);
+# every other (accuracy, F1, ...) is better when higher. Best runs come first either way.
+LOWER_IS_BETTER = ("loss", "error")
+
 
 def run(cfg, output_dir: Path) -> dict:
     from mlflow import MlflowClient
@@ -26,8 +30,7 @@ def run(cfg, output_dir: Path) -> dict:
         runs = [r for r in client.search_runs([experiment.experiment_id])
                 if r.data.tags.get("finetune.sweep") != "parent"]
     columns = swept_params(runs)
-    rows = sorted((table_row(r, columns, options.metric) for r in runs),
-                  key=lambda row: (row[options.metric] is None, -(row[options.metric] or 0.0)))[:options.limit]
+    rows = best_first([table_row(r, columns, options.metric) for r in runs], options.metric)[:options.limit]
     output_dir.mkdir(parents=True, exist_ok=True)
     table = output_dir / "compare.csv"
     write_csv(rows, table)
@@ -43,8 +46,19 @@ def run(cfg, output_dir: Path) -> dict:
             parent.log_artifact(plot, "compare")
     print_table(rows, columns, options.metric)
     print(f"\n{len(rows)} run(s) of {name!r}{' in sweep ' + options.sweep if options.sweep else ''}; "
+          f"{'lowest' if lower_is_better(options.metric) else 'highest'} {options.metric} first; "
           f"table {table}, plot {plot}")
     return {"runs": len(rows)}
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(word in metric.lower() for word in LOWER_IS_BETTER)
+
+
+def best_first(rows: list[dict], metric: str) -> list[dict]:
+    """Rows sorted best first by `metric` (ascending for losses and errors); runs without it last."""
+    sign = 1.0 if lower_is_better(metric) else -1.0
+    return sorted(rows, key=lambda row: (row[metric] is None, sign * (row[metric] or 0.0)))
 
 
 def swept_params(runs) -> list[str]:

@@ -103,12 +103,12 @@ def _prepare_logged(cfg):
 
 def _train_in_run(cfg, spec, dataset, output_dir: Path, resume: dict | None = None) -> dict:
     if dataset is None:
-        from finetune.train.feature_run import FeatureRun
+        from finetune.train.run import train_on_feature_file
 
-        return FeatureRun(cfg, output_dir).execute()
-    from finetune.train.run import TrainRun
+        return train_on_feature_file(cfg, output_dir)
+    from finetune.train.run import train_on_images
 
-    return TrainRun(cfg, spec, dataset, output_dir, resume=resume).execute()
+    return train_on_images(cfg, spec, dataset, output_dir, resume=resume)
 
 
 def _print_summary(metrics, run_id, experiment_id, output_dir, uri) -> None:
