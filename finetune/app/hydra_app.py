@@ -145,6 +145,10 @@ def _task(command: str):
         module = importlib.import_module(f"finetune.commands.{command}")
         output_dir = Path(hydra_cfg.runtime.output_dir)
         try:
+            if command != "train":  # a sweep job skipped the precheck; train checks inside its run, so a
+                from finetune.app.checks import validate_command  # bad combination shows in a sweep
+
+                validate_command(command, cfg)  # as a FAILED child run
             if hydra_cfg.mode == RunMode.MULTIRUN and OmegaConf.select(cfg, "trainer.isolate_sweep_jobs"):
                 from finetune.sweep.isolated_job import run_isolated
 
