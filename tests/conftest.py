@@ -150,6 +150,8 @@ def runs_the_cli(argv) -> bool:
     for i, word in enumerate(words):
         if word == "-m" and i + 1 < len(words) and words[i + 1].split(".")[0] == "finetune":
             return True
+        if word == "-c" and i + 1 < len(words) and "finetune.cli" in words[i + 1]:  # main() called in a script
+            return True
         if Path(word).parent.name == "scripts" and Path(word).suffix in (".py", ".sh") and "=" not in word:
             return True
         if " " in word and runs_the_cli(word):  # sh -c "finetune train ..."

@@ -17,6 +17,7 @@ from tests.conftest import REPO, runs_the_cli
     (["bash", str(REPO / "scripts" / "quickstart.sh")], True),
     ([sys.executable, "scripts/transfer_demo.py", "--quick"], True),
     (["/bin/sh", "-c", "finetune train trainer.epochs=1"], True),
+    ([sys.executable, "-c", "import sys; from finetune.cli import main; main(sys.argv[1:])", "train"], True),
     ([sys.executable, "-c", "import finetune.model.backbones"], False),
     ([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", "sqlite:///finetune/mlflow.db"], False),
     ([sys.executable, "-m", "build", "--wheel", "--outdir", "/tmp/finetune"], False),
