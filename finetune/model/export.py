@@ -26,7 +26,6 @@ import numpy as np
 from finetune.errors import ConfigError, FinetuneError, did_you_mean
 
 FORMATS = ("keras", "saved_model", "tflite")
-QUANTIZE = ("none", "float16", "dynamic", "int8")
 FLOAT_QUANTIZE = ("none", "float16")      # exports that must match Keras' top-1 on every check image
 WARN_AGREEMENT = 0.9                      # quantized exports below this top-1 agreement get a warning
 # Keras' top two probabilities closer than this are a near-tie: their order is within float noise,
@@ -103,29 +102,42 @@ def write_saved_model(model, path: Path) -> Path:
     return path
 
 
+def _float16(converter, tf, representative) -> None:
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_types = [tf.float16]
+
+
+def _dynamic(converter, tf, representative) -> None:
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+
+
+def _int8(converter, tf, representative) -> None:
+    if representative is None or not len(representative):
+        raise FinetuneError("int8 quantization needs representative images (export.representative_samples)")
+
+    def samples():
+        for image in representative:
+            yield [image[None].astype(np.float32)]
+
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = samples
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    # inference_input_type / inference_output_type stay float32: see the module docstring
+
+
+# export.quantize -> how it sets up the TFLite converter
+QUANTIZERS = {"none": lambda converter, tf, representative: None, "float16": _float16, "dynamic": _dynamic,
+              "int8": _int8}
+QUANTIZE = tuple(QUANTIZERS)
+
+
 def write_tflite(saved_model_dir: Path, path: Path, quantize: str, representative: np.ndarray | None) -> Path:
     import tensorflow as tf
 
+    from finetune.registry import lookup
+
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
-    if quantize == "float16":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_types = [tf.float16]
-    elif quantize == "dynamic":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif quantize == "int8":
-        if representative is None or not len(representative):
-            raise FinetuneError("int8 quantization needs representative images (export.representative_samples)")
-
-        def samples():
-            for image in representative:
-                yield [image[None].astype(np.float32)]
-
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = samples
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        # inference_input_type / inference_output_type stay float32: see the module docstring
-    elif quantize != "none":
-        raise ConfigError("export.quantize", quantize, "one of " + ", ".join(QUANTIZE))
+    lookup(QUANTIZERS, "export.quantize", quantize)(converter, tf, representative)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Statistics for quantized inputs were expected ..." and the like
         blob = converter.convert()
