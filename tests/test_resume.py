@@ -17,11 +17,12 @@ from tests.conftest import TINY, TINY_SHAPES, cli_command, cli_env, runs_of
 pytestmark = pytest.mark.slow
 
 EPOCHS = 4
-# The backbone trains (its weights go into each checkpoint) and nothing random but the seeded data order:
+# The backbone trains (block5: its weights go into each checkpoint; n=1 would be VGG16's weightless `top`
+# block alone, a frozen backbone on cached features) and nothing random but the seeded data order:
 # no dropout, no augmentation, no BatchNorm re-estimation at the end.
 # VGG16 at 32 px: 19 layers, so each process traces its graphs in a few seconds (MobileNetV2: 155 layers).
 RUN = ["backbone=vgg16", "backbone.weights=null", "backbone.input_shape=[32,32]", "trainer.batch_size=16",
-       "trainer.verbose=0", *TINY_SHAPES, "freeze=last_n", "freeze.n=1", "head.dropout=0",
+       "trainer.verbose=0", *TINY_SHAPES, "freeze=last_n", "freeze.n=2", "head.dropout=0",
        f"trainer.epochs={EPOCHS}", "trainer.steps_per_epoch=16", "trainer.bn_recalibration=false",
        "trainer.early_stopping.enabled=false"]
 
