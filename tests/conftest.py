@@ -1,6 +1,7 @@
 """Shared fixtures: run the real CLI in a subprocess against one MLflow store per test session."""
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -30,14 +31,133 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cli(store, cache_dir):
+def warm_cli(tmp_path_factory, cache_dir):
+    """This worker's warm interpreter (tests/warm_cli.py), started on first use."""
+    warm = WarmCli(tmp_path_factory.mktemp("warm_cli"), cli_env(cache_dir))
+    yield warm
+    warm.close()
+
+
+@pytest.fixture(scope="session")
+def cli(store, cache_dir, warm_cli):
     """cli(*args, experiment=...) -> CompletedProcess of `python -m finetune ...` in the store dir."""
 
-    def run(*args, experiment: str | None = None, timeout: int = 600, env: dict | None = None):
-        return subprocess.run(cli_command(args, experiment), cwd=store, env=cli_env(cache_dir, env),
-                              capture_output=True, text=True, timeout=timeout)
+    def run(*args, experiment: str | None = None, timeout: int = 600, env: dict | None = None, cwd=None):
+        return warm_cli.run(list(args), experiment, cwd=cwd or store, env=cli_env(cache_dir, env), timeout=timeout)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def start_cli(cache_dir, warm_cli):
+    """start_cli(args, cwd, experiment=..., env=..., new_session=...) -> a running `python -m finetune ...`
+    with Popen's poll/wait/communicate/send_signal/pid (stdout and stderr captured as text)."""
+
+    def start(args, cwd, experiment: str | None = None, env: dict | None = None, new_session: bool = False):
+        return warm_cli.start(list(args), experiment, cwd=cwd, env=cli_env(cache_dir, env), new_session=new_session)
+
+    return start
+
+
+class WarmCli:
+    """`python -m finetune <args>` as a child forked from a warm interpreter (tests/warm_cli.py), which has
+    imported TensorFlow, Keras and MLflow once; a fresh interpreter where the environment differs in what
+    is read at import time. One child at a time (the server waits for each)."""
+
+    CALL_TIME_KEYS = {"FINETUNE_CACHE_DIR"}  # read when a command runs, not when a module is imported
+
+    def __init__(self, folder: Path, env: dict):
+        self.folder, self.env, self.server, self.calls, self.pending = folder, env, None, 0, b""
+
+    def serves(self, env: dict) -> bool:
+        keys = {k for k in set(env) | set(self.env) if k not in self.CALL_TIME_KEYS and not k.startswith("PYTEST_")}
+        return all(env.get(k) == self.env.get(k) for k in keys)
+
+    def start(self, args: list[str], experiment, cwd, env: dict, new_session: bool = False):
+        command = cli_command(args, experiment)
+        if not self.serves(env):
+            return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=new_session)
+        if self.server is None or self.server.poll() is not None:
+            self._start_server()
+        self.calls += 1
+        out, err = self.folder / f"{self.calls}.out", self.folder / f"{self.calls}.err"
+        request = {"argv": command[3:], "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err),
+                   "new_session": new_session}
+        self.server.stdin.write(json.dumps(request) + "\n")
+        return WarmProcess(self, command, self._reply(60)["pid"], out, err)
+
+    def run(self, args: list[str], experiment, cwd, env: dict, timeout: int) -> subprocess.CompletedProcess:
+        process = self.start(args, experiment, cwd, env)
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+        return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+    def _start_server(self) -> None:
+        log = self.folder / "warm_cli.log"
+        self.pending = b""
+        self.server = subprocess.Popen([sys.executable, str(REPO / "tests" / "warm_cli.py")], cwd=self.folder,
+                                       env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=log.open("ab"), text=True, bufsize=1)
+        assert "ready" in self._reply(300), log.read_text()[-3000:]
+
+    def _reply(self, timeout: float | None) -> dict:
+        """The next line from the server, read straight from its pipe (no buffer hides a line from select)."""
+        import select
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            if not select.select([self.server.stdout], [], [], left)[0]:
+                raise subprocess.TimeoutExpired("warm_cli", timeout)
+            chunk = os.read(self.server.stdout.fileno(), 65536)
+            assert chunk, "tests/warm_cli.py ended: " + (self.folder / "warm_cli.log").read_text()[-3000:]
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def has_reply(self) -> bool:
+        import select
+
+        return b"\n" in self.pending or bool(select.select([self.server.stdout], [], [], 0)[0])
+
+    def close(self) -> None:
+        if self.server is not None and self.server.poll() is None:
+            self.server.stdin.close()
+            self.server.wait(timeout=60)
+
+
+class WarmProcess:
+    """A child of tests/warm_cli.py, with the parts of Popen's interface the tests use."""
+
+    def __init__(self, warm: WarmCli, args: list[str], pid: int, out: Path, err: Path):
+        self.warm, self.args, self.pid, self.out, self.err, self.returncode = warm, args, pid, out, err, None
+
+    def poll(self):
+        if self.returncode is None and self.warm.has_reply():
+            self.returncode = self.warm._reply(None)["returncode"]
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self.warm._reply(timeout)["returncode"]
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return self.out.read_text(errors="replace"), self.err.read_text(errors="replace")
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(9)
 
 
 def cli_command(args, experiment: str | None = None) -> list[str]:
@@ -79,6 +199,8 @@ def trained_model(cli, mlflow_client):
     Returns {"run_id", "model_dir" (local folder with model.keras, label_map.json, config.yaml),
     "classes", "overrides" (the data overrides it was trained with)}."""
     data = ["data=shapes", "data.num_per_class=8", "data.image_size=32", "data.classes=[circle,square,triangle]"]
+    # MobileNetV2 trained whole, BatchNorm included: a frozen random backbone (VGG16 or MobileNetV2) gives
+    # near-constant predictions, which the predict/export agreement checks cannot tell from a broken model
     result = cli("train", *TINY, *data, "freeze=none", "trainer.epochs=2", "tracking.register_model=fixture-model",
                  experiment="fixture_trained_model")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -109,7 +231,7 @@ LONGEST_FIRST = ["test_sweep.py", "test_optuna_sweep.py", "test_trained_model_co
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
-    unmarked = [item.nodeid for item in items if "cli" in item.fixturenames and not _is_slow(item)]
+    unmarked = [item.nodeid for item in items if {"cli", "warm_cli"} & set(item.fixturenames) and not _is_slow(item)]
     if unmarked:
         raise pytest.UsageError("these tests use the `cli` fixture (directly or through a fixture) but are not "
                                 "marked slow: " + ", ".join(unmarked))

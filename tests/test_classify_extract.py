@@ -79,13 +79,27 @@ def direct_features(weights, files):
     return model.predict(keras.applications.mobilenet_v2.preprocess_input(x), verbose=0)
 
 
+@pytest.fixture(scope="module")
+def extracted(cli, tmp_path_factory, backbone_file):
+    """extracted(fmt) -> (CompletedProcess, output folder) of one `finetune extract` per format, run once
+    (the npz one is also what test_train_on_features_then_reassembled_model_agrees trains on)."""
+    done = {}
+
+    def extract(fmt: str):
+        if fmt not in done:
+            tmp = tmp_path_factory.mktemp(f"extract_{fmt}")
+            data, out = write_images(tmp / "data"), tmp / "features"
+            done[fmt] = cli("extract", "backbone=mobilenet_v2", f"backbone.weights={backbone_file}",
+                            "backbone.input_shape=[32,32]", "data=folder", f"data.path={data}", "data.val_split=0.34",
+                            f"extract.format={fmt}", f"extract.output={out}", experiment=f"e2e_extract_{fmt}"), out
+        return done[fmt]
+
+    return extract
+
+
 @pytest.mark.parametrize("fmt", ["npz", "parquet"])
-def test_extract_matches_keras_predict(cli, mlflow_client, tmp_path, backbone_file, fmt):
-    data = write_images(tmp_path / "data")
-    out = tmp_path / "features"
-    result = cli("extract", "backbone=mobilenet_v2", f"backbone.weights={backbone_file}",
-                 "backbone.input_shape=[32,32]", "data=folder", f"data.path={data}", "data.val_split=0.34",
-                 f"extract.format={fmt}", f"extract.output={out}", experiment=f"e2e_extract_{fmt}")
+def test_extract_matches_keras_predict(mlflow_client, extracted, backbone_file, fmt):
+    result, out = extracted(fmt)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "images/s" in result.stdout
     from finetune.features.extract import read_features
@@ -107,12 +121,8 @@ def test_extract_matches_keras_predict(cli, mlflow_client, tmp_path, backbone_fi
     assert run.info.status == "FINISHED"
 
 
-def test_train_on_features_then_reassembled_model_agrees(cli, mlflow_client, tmp_path, backbone_file):
-    data = write_images(tmp_path / "data")
-    out = tmp_path / "features"
-    result = cli("extract", "backbone=mobilenet_v2", f"backbone.weights={backbone_file}",
-                 "backbone.input_shape=[32,32]", "data=folder", f"data.path={data}", "data.val_split=0.34",
-                 f"extract.output={out}", experiment="e2e_features")
+def test_train_on_features_then_reassembled_model_agrees(cli, mlflow_client, tmp_path, extracted):
+    result, out = extracted("npz")
     assert result.returncode == 0, result.stderr[-3000:]
     result = cli("train", "data=features", f"data.path={out}", "trainer.epochs=3", "trainer.verbose=0",
                  experiment="e2e_features")

@@ -37,21 +37,23 @@ def test_bad_jit_compile_value_is_one_line(cli):
 def test_auto_precision_stays_within_tolerance_of_fp32_and_is_recorded(cli, mlflow_client):
     """VGG16 (a family auto runs in bfloat16 on CPUs with bf16 units; random weights: VGG has no
     BatchNorm, so its features are informative) on the 1,797 digits: validation accuracy with `auto`
-    within ACCURACY_TOLERANCE of fp32's. Where auto picks fp32 (no bf16 units), the two runs agree."""
+    within ACCURACY_TOLERANCE of fp32's. Where auto picks fp32 (no bf16 units) the second run would repeat
+    the first, so only the choice and its record are checked there."""
     from finetune.train.compute import choose, device_class_without_tf
 
+    auto = choose("auto", "auto", "vgg", device_class_without_tf()).precision
     metrics = {}
-    for precision in ("fp32", "auto"):
+    for precision in ("auto", "fp32") if auto != "fp32" else ("auto",):  # auto = fp32: one run says it all
         experiment = f"precision_{precision}"
         result = cli("train", "backbone=vgg16", "backbone.weights=null", "backbone.input_shape=[32,32]",
                      "data=digits", "freeze=all", "head=linear", "trainer.epochs=4", "optimizer.lr=1e-3",
                      "trainer.verbose=0", f"trainer.precision={precision}", experiment=experiment)
         assert result.returncode == 0, result.stderr[-3000:]
         (run,) = runs_of(mlflow_client, experiment)
-        expected = "fp32" if precision == "fp32" else choose("auto", "auto", "vgg", device_class_without_tf()).precision
+        expected = "fp32" if precision == "fp32" else auto
         assert run.data.params["compute.precision"] == expected
         assert run.data.params["compute.jit_compile"] == "False" and run.data.tags["compute.reason"]
         metrics[precision] = run.data.metrics
-    assert metrics["fp32"]["final_val_accuracy"] > 0.2  # well above chance (0.1): a comparison that means something
-    # the tolerance is on the validation set (359 images); the 179 test images resolve only ~4%
-    assert abs(metrics["auto"]["final_val_accuracy"] - metrics["fp32"]["final_val_accuracy"]) <= ACCURACY_TOLERANCE
+    assert metrics["auto"]["final_val_accuracy"] > 0.2  # well above chance (0.1): a comparison that means something
+    if "fp32" in metrics:  # the tolerance is on the validation set (359 images); the 179 test images resolve ~4%
+        assert abs(metrics["auto"]["final_val_accuracy"] - metrics["fp32"]["final_val_accuracy"]) <= ACCURACY_TOLERANCE

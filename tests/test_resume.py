@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import TINY, TINY_SHAPES, cli_command, cli_env, runs_of
+from tests.conftest import TINY, TINY_SHAPES, runs_of
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +39,6 @@ def weights_of(path: Path) -> list[np.ndarray]:
     return [np.asarray(w) for w in keras.saving.load_model(path, safe_mode=True, compile=False).get_weights()]
 
 
-def start(store, cache_dir, experiment) -> subprocess.Popen:
-    return subprocess.Popen(cli_command(["train", *RUN], experiment), cwd=store, env=cli_env(cache_dir),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def checkpoint_epoch(store, since: float) -> int:
     """Epochs done in the newest checkpoint under the store's outputs/ written after `since` (else 0)."""
     done = 0
@@ -68,7 +62,7 @@ def interrupt_during_epoch(process, store, epoch: int, sig: int, since: float) -
     process.send_signal(sig)
 
 
-def test_killed_then_terminated_run_resumes_in_the_same_run_to_the_same_weights(tmp_path, mlflow_client, cache_dir):
+def test_killed_then_terminated_run_resumes_in_the_same_run_to_the_same_weights(tmp_path, start_cli, cli):
     store = tmp_path  # its own outputs/ folder, so the checkpoint found is this run's
     db = f"sqlite:///{store / 'mlflow.db'}"
     from mlflow.tracking import MlflowClient
@@ -76,7 +70,7 @@ def test_killed_then_terminated_run_resumes_in_the_same_run_to_the_same_weights(
     client = MlflowClient(tracking_uri=db)
 
     # SIGKILL during epoch 2: nothing runs at exit; the run stays RUNNING, the checkpoint of epoch 1 stays
-    first = start(store, cache_dir, "resume")
+    first = start_cli(["train", *RUN], store, "resume")
     interrupt_during_epoch(first, store, 2, signal.SIGKILL, since=time.time() - 1)
     first.wait(timeout=60)
     assert first.returncode == -signal.SIGKILL
@@ -85,7 +79,7 @@ def test_killed_then_terminated_run_resumes_in_the_same_run_to_the_same_weights(
 
     # the same command again continues it; SIGTERM during its epoch 3 ends the run KILLED at once
     since = time.time()
-    second = start(store, cache_dir, "resume")
+    second = start_cli(["train", *RUN], store, "resume")
     interrupt_during_epoch(second, store, 3, signal.SIGTERM, since)
     _, err = second.communicate(timeout=600)
     assert second.returncode == 128 + signal.SIGTERM, err[-3000:]
@@ -95,8 +89,7 @@ def test_killed_then_terminated_run_resumes_in_the_same_run_to_the_same_weights(
     assert "SIGTERM" in run.data.tags["error"]
 
     # and once more: it finishes, in the same run, with one value per epoch
-    third = subprocess.run(cli_command(["train", *RUN], "resume"), cwd=store, env=cli_env(cache_dir),
-                           capture_output=True, text=True, timeout=600)
+    third = cli("train", *RUN, experiment="resume", cwd=store)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "continuing the interrupted run" in third.stdout
     (run,) = runs_of(client, "resume")
@@ -109,8 +102,7 @@ def test_killed_then_terminated_run_resumes_in_the_same_run_to_the_same_weights(
     assert not (resumed_model.parents[1] / "checkpoint").exists()  # superseded by the saved model
 
     # an uninterrupted run of the same config ends with the same weights (seeded data order)
-    reference = subprocess.run(cli_command(["train", *RUN, "trainer.resume=never"], "resume_reference"),
-                               cwd=store, env=cli_env(cache_dir), capture_output=True, text=True, timeout=600)
+    reference = cli("train", *RUN, "trainer.resume=never", experiment="resume_reference", cwd=store)
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected, got = weights_of(model_file(reference.stdout)), weights_of(resumed_model)
     assert len(expected) == len(got)

@@ -21,7 +21,7 @@ from finetune.tracking import outage
 from finetune.tracking.journal import JOURNAL_NAME, Journal, replay
 from finetune.tracking.outage import Session, bounded_http
 
-from .conftest import TINY, TINY_SHAPES, cli_command, cli_env
+from .conftest import TINY, TINY_SHAPES, cli_env
 
 
 class FakeClient:
@@ -376,7 +376,7 @@ def logged_steps(port: int, run_id: str, key: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_server_killed_mid_run_training_finishes_at_full_speed_and_replay_delivers(tmp_path, cache_dir):
+def test_server_killed_mid_run_training_finishes_at_full_speed_and_replay_delivers(tmp_path, start_cli):
     from mlflow import MlflowClient
 
     port, root, out = free_port(), tmp_path / "server", tmp_path / "out"
@@ -384,12 +384,10 @@ def test_server_killed_mid_run_training_finishes_at_full_speed_and_replay_delive
     epochs = 4
     server = start_server(port, root)
     try:
-        command = cli_command(["train", *TINY, *TINY_SHAPES, "freeze=none", f"trainer.epochs={epochs}",
-                               "trainer.steps_per_epoch=6", f"tracking.uri=http://127.0.0.1:{port}",
-                               "tracking.experiment=outage", f"hydra.run.dir={out}"])
+        command = ["train", *TINY, "backbone=vgg16", *TINY_SHAPES, "freeze=none", f"trainer.epochs={epochs}",
+                   "trainer.steps_per_epoch=6", f"tracking.uri=http://127.0.0.1:{port}", f"hydra.run.dir={out}"]
         started = time.monotonic()
-        train = subprocess.Popen(command, cwd=tmp_path, env=cli_env(cache_dir), text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        train = start_cli(command, tmp_path, "outage")
         run_id, killed_at = None, None
         while train.poll() is None and killed_at is None:  # kill the server once epoch 0 is on it
             time.sleep(0.1)
@@ -432,7 +430,7 @@ def test_server_killed_mid_run_training_finishes_at_full_speed_and_replay_delive
         # with MLflow's default client blocks 247 s; the slack is for a loaded 2-core machine)
         gaps = [(b - a) / 1000 for a, b in zip(stamps[1:], stamps[2:])]  # epoch 0 also traces the graph
         assert max(gaps) <= 3 * min(gaps) + 20, gaps
-        assert "test_accuracy" in run.data.metrics and run.data.params["backbone"] == "mobilenet_v2"
+        assert "test_accuracy" in run.data.metrics and run.data.params["backbone"] == "vgg16"
         assert {"model", "metrics.json", "config.yaml"} <= {a.path for a in client.list_artifacts(run_id)}
         print(f"training {finished - started:.1f} s, {finished - killed_at:.1f} s after the kill; "
               f"{blocked:.1f} s in failed calls; epoch gaps {gaps} s; journaled epochs {sorted(journaled_epochs)}",
@@ -442,14 +440,11 @@ def test_server_killed_mid_run_training_finishes_at_full_speed_and_replay_delive
 
 
 # -- extract and evaluate: every command's run goes through the same scope --------------------------------
-def run_through_an_outage(args: list[str], port: int, server, out: Path, cwd: Path, cache_dir) -> dict:
+def run_through_an_outage(start_cli, args: list[str], port: int, server, out: Path, cwd: Path) -> dict:
     """`finetune <args>` against the server, killed as soon as the command's run exists on it (the run id
     file), so that everything the command logs meets a dead server. Returns what it took."""
-    command = cli_command([*args, f"tracking.uri=http://127.0.0.1:{port}", "tracking.experiment=outage",
-                           f"hydra.run.dir={out}"])
     started = time.monotonic()
-    process = subprocess.Popen(command, cwd=cwd, env=cli_env(cache_dir), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = start_cli([*args, f"tracking.uri=http://127.0.0.1:{port}", f"hydra.run.dir={out}"], cwd, "outage")
     while process.poll() is None and not (out / "mlflow_run_id").exists():
         time.sleep(0.02)
     stop_server(server)
@@ -498,14 +493,14 @@ def replayed_without_loss(port: int, outcome: dict):
 
 
 @pytest.mark.slow
-def test_server_killed_during_extract_costs_seconds_and_replay_delivers_everything(tmp_path, cache_dir):
+def test_server_killed_during_extract_costs_seconds_and_replay_delivers_everything(tmp_path, start_cli):
     port, root, out = free_port(), tmp_path / "server", tmp_path / "out"
     root.mkdir()
     server = start_server(port, root)
     try:
-        outcome = run_through_an_outage(["extract", "backbone=mobilenet_v2", "backbone.weights=null",
-                                         "backbone.input_shape=[32,32]", *TINY_SHAPES], port, server, out,
-                                        tmp_path, cache_dir)
+        outcome = run_through_an_outage(start_cli, ["extract", "backbone=mobilenet_v2", "backbone.weights=null",
+                                                    "backbone.input_shape=[32,32]", *TINY_SHAPES], port, server,
+                                        out, tmp_path)
         assert outcome["blocked_s"] < 30, outcome  # MLflow's own client blocks ~247 s at the first call
         assert outcome["after_kill_s"] < 120, outcome
         server = start_server(port, root)
@@ -523,16 +518,26 @@ def test_server_killed_during_extract_costs_seconds_and_replay_delivers_everythi
         stop_server(server)
 
 
+@pytest.fixture(scope="module")
+def small_model(cli, mlflow_client):
+    """A model for evaluate to load: VGG16 frozen, its head on cached features (seconds, not the minute
+    the session's trained_model takes); what it predicts does not matter here."""
+    result = cli("train", *TINY, "backbone=vgg16", *TINY_SHAPES, experiment="outage_model")
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.strip().startswith("model "))
+    return {"model": Path(line.split(None, 1)[1].strip()), "overrides": TINY_SHAPES}
+
+
 @pytest.mark.slow
-def test_server_killed_during_evaluate_costs_seconds_and_replay_delivers_everything(tmp_path, cache_dir,
-                                                                                    trained_model):
+def test_server_killed_during_evaluate_costs_seconds_and_replay_delivers_everything(tmp_path, start_cli,
+                                                                                    small_model):
     port, root, out = free_port(), tmp_path / "server", tmp_path / "out"
     root.mkdir()
     server = start_server(port, root)
     try:
-        model = trained_model["model_dir"] / "model.keras"  # a path: the new run is on the server
-        outcome = run_through_an_outage(["evaluate", f"model={model}", *trained_model["overrides"],
-                                         "evaluate.split=train"], port, server, out, tmp_path, cache_dir)
+        model = small_model["model"]  # a path: the new run is on the server
+        outcome = run_through_an_outage(start_cli, ["evaluate", f"model={model}", *small_model["overrides"],
+                                                    "evaluate.split=train"], port, server, out, tmp_path)
         assert outcome["blocked_s"] < 30, outcome
         assert outcome["after_kill_s"] < 120, outcome
         server = start_server(port, root)
