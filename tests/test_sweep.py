@@ -55,6 +55,7 @@ def test_grid_sweep_makes_parent_and_children(cli, mlflow_client):
 
 def test_a_failing_job_never_leaves_the_parent_running(cli, mlflow_client):
     result = cli("train", "-m", *TINY, *TINY_SHAPES, "freeze=last_n", "freeze.n=1,99",
+                 "trainer.isolate_sweep_jobs=false",  # jobs in one process: isolated jobs are tested above
                  experiment="e2e_sweep_failing")
     assert result.returncode != 0
     runs = runs_of(mlflow_client, "e2e_sweep_failing")
