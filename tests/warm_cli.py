@@ -11,7 +11,8 @@ lines, the filter that hides them, the commands that never import TensorFlow) st
 and `tests/conftest.py` sends any request whose environment differs in what is read at import time
 (KERAS_HOME, TF_CPP_MIN_LOG_LEVEL, FINETUNE_TF_LOGS...) to a real interpreter as well.
 
-Protocol (one request at a time): a JSON line on stdin {"argv", "cwd", "env", "stdout", "stderr"};
+Protocol (one request at a time): a JSON line on stdin {"argv", "cwd", "env", "stdout", "stderr",
+"new_session" (setsid, as Popen's start_new_session)};
 the reply is a line {"pid": ...} at once and {"returncode": ...} when the child ends (negative: the
 signal that ended it, as subprocess reports it).
 """
