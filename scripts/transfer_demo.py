@@ -101,6 +101,23 @@ def write_png_folders(work: Path, per_class: int, val_per_class: int, seed: int,
 
 
 # ------------------------------------------------------------------------------------------- runs
+def run_logged(args: list[str], cwd: Path, env: dict, log: Path, echo: bool) -> tuple[int, list[str]]:
+    """Run `args`, its stdout and stderr written to `log` as they come (and echoed if asked); returns the
+    exit status and the lines."""
+    with open(log, "w") as fh:
+        fh.write(" ".join(args) + "\n\n")
+        fh.flush()
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        lines = []
+        for line in proc.stdout:
+            fh.write(line)
+            lines.append(line)
+            if echo:
+                print(f"   | {line}", end="", flush=True)
+        return proc.wait(), lines
+
+
 def train(run: Run, work: Path, common: list[str], log_dir: Path, echo: bool) -> None:
     """`python -m finetune train <common> <run.overrides>` in a subprocess; fills run_id/output_dir."""
     out = work / "runs" / run.name
@@ -109,18 +126,7 @@ def train(run: Run, work: Path, common: list[str], log_dir: Path, echo: bool) ->
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
     log = log_dir / f"{run.name}.log"
     start = time.perf_counter()
-    with open(log, "w") as fh:
-        fh.write(" ".join(args) + "\n\n")
-        fh.flush()
-        proc = subprocess.Popen(args, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
-        lines = []
-        for line in proc.stdout:
-            fh.write(line)
-            lines.append(line)
-            if echo:
-                print(f"   | {line}", end="", flush=True)
-        code = proc.wait()
+    code, lines = run_logged(args, work, env, log, echo)
     run.seconds = time.perf_counter() - start
     if code != 0:
         tail = "".join(lines[-40:])

@@ -2,6 +2,9 @@
 
 Checks the plumbing only (runs, MLflow records, equal budgets, the frozen backbone really unchanged);
 the quick budget is far too small for the accuracies to mean anything, so none are compared.
+The demo's `main` runs in this process; each of its four `python -m finetune train` calls is a child of
+the warm interpreter the other CLI tests use (tests/warm_cli.py: the same entry point, argv, cwd and exit
+status, without four TensorFlow imports), and its own subprocess runner is tested on its own.
 """
 from __future__ import annotations
 
@@ -59,17 +62,42 @@ def test_png_folders_are_deterministic_and_disjoint(tmp_path):
     assert len(files["source"]) + sum(len(n) for n in names) == 1797  # every digit used once
 
 
-def test_quick_demo_records_four_runs_in_one_experiment(tmp_path):
+def test_run_logged_writes_the_log_and_returns_status_and_lines(tmp_path, capsys):
+    demo = load_script()
+    log = tmp_path / "run.log"
+    code, lines = demo.run_logged([sys.executable, "-c", "import sys; print('run id abc'); "
+                                   "print('oops', file=sys.stderr); sys.exit(3)"],
+                                  tmp_path, dict(os.environ), log, echo=True)
+    assert code == 3 and lines == ["run id abc\n", "oops\n"]
+    assert log.read_text().endswith("run id abc\noops\n")
+    assert "   | run id abc" in capsys.readouterr().out
+
+
+def test_quick_demo_records_four_runs_in_one_experiment(tmp_path, warm_cli, cache_dir, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
+    from tests.conftest import cli_env
+
+    demo = load_script()
     work = tmp_path / "demo"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    commands = []
+
+    def warm_run_logged(args, cwd, env, log, echo):
+        assert args[:3] == [sys.executable, "-m", "finetune"]
+        assert env["TF_CPP_MIN_LOG_LEVEL"] == "2"
+        commands.append(args[3:])
+        process = warm_cli.start(args[3:], None, cwd=cwd, env=cli_env(cache_dir))
+        out, err = process.communicate(timeout=600)
+        log.write_text(" ".join(args) + "\n\n" + out + err)
+        return process.returncode, (out + err).splitlines(keepends=True)
+
+    monkeypatch.setattr(demo, "run_logged", warm_run_logged)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     try:
-        result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--work", str(work)], cwd=tmp_path,
-                                env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        out = result.stdout
+        code = demo.main(["--quick", "--work", str(work)])
+        out = capsys.readouterr().out
+        assert code == 0, out[-3000:]
+        assert len(commands) == 4 and all(c[0] == "train" for c in commands)
         assert "[1/4] source" in out and "[4/4] target two_stage" in out
 
         client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")

@@ -31,8 +31,14 @@ def preload() -> None:
                  "finetune.cli", "finetune.app.hydra_app", "finetune.tracking.scope", "finetune.train.run",
                  "finetune.train.reports", "finetune.commands.train", "finetune.commands.evaluate",
                  "finetune.commands.predict", "finetune.commands.export", "finetune.commands.extract",
-                 "finetune.commands.classify", "finetune.commands.compare", "finetune.data.dataset"):
+                 "finetune.commands.classify", "finetune.commands.compare", "finetune.data.dataset",
+                 # what a run's first MLflow call and Hydra's plugin scan import (~2 s a run otherwise)
+                 "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
+                 "mlflow.store.db.utils", "alembic.script", "alembic.runtime.migration", "git"):
         importlib.import_module(name)
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # discovers (imports) the installed hydra_plugins once
 
 
 def run_child(request: dict) -> None:
