@@ -369,6 +369,30 @@ def stop_server(server: subprocess.Popen) -> None:
     server.wait(timeout=30)
 
 
+class Server:
+    """One `mlflow server` (sqlite store, local artifacts) on a fixed port, killed and restarted by the tests
+    below; it stays up between them (each start costs ~7 s here), each test using its own runs."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.process = root, free_port(), None
+
+    def start(self) -> "Server":
+        if self.process is None or self.process.poll() is not None:
+            self.process = start_server(self.port, self.root)
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None:
+            stop_server(self.process)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("mlflow_server"))
+    yield server
+    server.kill()
+
+
 def logged_steps(port: int, run_id: str, key: str) -> list[int]:
     url = f"http://127.0.0.1:{port}/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key={key}"
     with urllib.request.urlopen(url, timeout=2) as response:
@@ -376,78 +400,77 @@ def logged_steps(port: int, run_id: str, key: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_server_killed_mid_run_training_finishes_at_full_speed_and_replay_delivers(tmp_path, start_cli):
+def test_server_killed_mid_run_training_finishes_at_full_speed_and_replay_delivers(tmp_path, start_cli,
+                                                                                  mlflow_server):
     from mlflow import MlflowClient
 
-    port, root, out = free_port(), tmp_path / "server", tmp_path / "out"
-    root.mkdir()
+    server = mlflow_server.start()
+    port, out = server.port, tmp_path / "out"
     epochs = 4
-    server = start_server(port, root)
-    try:
-        command = ["train", *TINY, "backbone=vgg16", *TINY_SHAPES, "freeze=none", f"trainer.epochs={epochs}",
-                   "trainer.steps_per_epoch=6", f"tracking.uri=http://127.0.0.1:{port}", f"hydra.run.dir={out}"]
-        started = time.monotonic()
-        train = start_cli(command, tmp_path, "outage")
-        run_id, killed_at = None, None
-        while train.poll() is None and killed_at is None:  # kill the server once epoch 0 is on it
-            time.sleep(0.1)
-            if run_id is None and (out / "mlflow_run_id").exists():
-                run_id = (out / "mlflow_run_id").read_text().strip() or None
-            if run_id and logged_steps(port, run_id, "loss"):
-                stop_server(server)
-                killed_at = time.monotonic()
-        stdout, stderr = train.communicate(timeout=600)
-        finished = time.monotonic()
-        assert train.returncode == 0, stderr[-3000:]
-        assert killed_at is not None, "training ended before its first epoch reached the server"
+    command = ["train", *TINY, "backbone=vgg16", *TINY_SHAPES, "freeze=none", f"trainer.epochs={epochs}",
+               "trainer.batch_size=8", "trainer.steps_per_epoch=3",  # epoch 0 (tracing) takes seconds
+               f"tracking.uri=http://127.0.0.1:{port}", f"hydra.run.dir={out}"]
+    started = time.monotonic()
+    train = start_cli(command, tmp_path, "outage")
+    run_id, killed_at = None, None
+    while train.poll() is None and killed_at is None:  # kill the server once epoch 0 is on it
+        time.sleep(0.1)
+        if run_id is None and (out / "mlflow_run_id").exists():
+            run_id = (out / "mlflow_run_id").read_text().strip() or None
+        if run_id and logged_steps(port, run_id, "loss"):
+            server.kill()
+            killed_at = time.monotonic()
+    stdout, stderr = train.communicate(timeout=600)
+    finished = time.monotonic()
+    assert train.returncode == 0, stderr[-3000:]
+    assert killed_at is not None, "training ended before its first epoch reached the server"
 
-        # the outage cost training (almost) nothing: MLflow's default client would block ~4 minutes
-        # at the first call after the kill (7 retries with backoff) and then raise
-        summary = next(line for line in stderr.splitlines() if "unreachable at the end of the run" in line)
-        blocked = float(summary.split("(")[1].split(" s spent")[0])
-        assert blocked < 5, summary
-        assert finished - killed_at < 120, (finished - killed_at, stderr[-2000:])
-        assert stderr.count("is unreachable (") == 1  # one loud warning, not one per call
-        journal = out / JOURNAL_NAME
-        assert f"python -m finetune.tracking.journal {journal}" in summary
-        assert "the run's end (FINISHED)" in summary
+    # the outage cost training (almost) nothing: MLflow's default client would block ~4 minutes
+    # at the first call after the kill (7 retries with backoff) and then raise
+    summary = next(line for line in stderr.splitlines() if "unreachable at the end of the run" in line)
+    blocked = float(summary.split("(")[1].split(" s spent")[0])
+    assert blocked < 5, summary
+    assert finished - killed_at < 120, (finished - killed_at, stderr[-2000:])
+    assert stderr.count("is unreachable (") == 1  # one loud warning, not one per call
+    journal = out / JOURNAL_NAME
+    assert f"python -m finetune.tracking.journal {journal}" in summary
+    assert "the run's end (FINISHED)" in summary
 
-        kept = [json.loads(line) for line in journal.read_text().splitlines()]
-        journaled_epochs = {e["step"] for e in kept if e.get("op") == "metrics" and "val_loss" in e["metrics"]}
-        assert journaled_epochs and max(journaled_epochs) == epochs - 1, journaled_epochs  # the outage hit training
+    kept = [json.loads(line) for line in journal.read_text().splitlines()]
+    journaled_epochs = {e["step"] for e in kept if e.get("op") == "metrics" and "val_loss" in e["metrics"]}
+    assert journaled_epochs and max(journaled_epochs) == epochs - 1, journaled_epochs  # the outage hit training
 
-        server = start_server(port, root)  # same store, same port
-        assert tracking_journal.main([str(journal)]) == 0
-        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
-        run = client.get_run(run_id)
-        assert run.info.status == "FINISHED"
-        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "stage"):
-            history = client.get_metric_history(run_id, key)
-            assert sorted(m.step for m in history) == list(range(epochs)), (key, history)
-        stamps = [m.timestamp for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
-        assert stamps == sorted(stamps) and stamps[-1] <= run.info.end_time  # original times, not replay's
-        # epochs after the kill took about as long as each other: none waited on the dead server (one call
-        # with MLflow's default client blocks 247 s; the slack is for a loaded 2-core machine)
-        gaps = [(b - a) / 1000 for a, b in zip(stamps[1:], stamps[2:])]  # epoch 0 also traces the graph
-        assert max(gaps) <= 3 * min(gaps) + 20, gaps
-        assert "test_accuracy" in run.data.metrics and run.data.params["backbone"] == "vgg16"
-        assert {"model", "metrics.json", "config.yaml"} <= {a.path for a in client.list_artifacts(run_id)}
-        print(f"training {finished - started:.1f} s, {finished - killed_at:.1f} s after the kill; "
-              f"{blocked:.1f} s in failed calls; epoch gaps {gaps} s; journaled epochs {sorted(journaled_epochs)}",
-              file=sys.stderr)
-    finally:
-        stop_server(server)
+    server.start()  # same store, same port
+    assert tracking_journal.main([str(journal)]) == 0
+    client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "stage"):
+        history = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in history) == list(range(epochs)), (key, history)
+    stamps = [m.timestamp for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
+    assert stamps == sorted(stamps) and stamps[-1] <= run.info.end_time  # original times, not replay's
+    # epochs after the kill took about as long as each other: none waited on the dead server (one call
+    # with MLflow's default client blocks 247 s; the slack is for a loaded 2-core machine)
+    gaps = [(b - a) / 1000 for a, b in zip(stamps[1:], stamps[2:])]  # epoch 0 also traces the graph
+    assert max(gaps) <= 3 * min(gaps) + 20, gaps
+    assert "test_accuracy" in run.data.metrics and run.data.params["backbone"] == "vgg16"
+    assert {"model", "metrics.json", "config.yaml"} <= {a.path for a in client.list_artifacts(run_id)}
+    print(f"training {finished - started:.1f} s, {finished - killed_at:.1f} s after the kill; "
+          f"{blocked:.1f} s in failed calls; epoch gaps {gaps} s; journaled epochs {sorted(journaled_epochs)}",
+          file=sys.stderr)
 
 
 # -- extract and evaluate: every command's run goes through the same scope --------------------------------
-def run_through_an_outage(start_cli, args: list[str], port: int, server, out: Path, cwd: Path) -> dict:
+def run_through_an_outage(start_cli, args: list[str], server: Server, out: Path, cwd: Path) -> dict:
     """`finetune <args>` against the server, killed as soon as the command's run exists on it (the run id
     file), so that everything the command logs meets a dead server. Returns what it took."""
     started = time.monotonic()
-    process = start_cli([*args, f"tracking.uri=http://127.0.0.1:{port}", f"hydra.run.dir={out}"], cwd, "outage")
+    process = start_cli([*args, f"tracking.uri=http://127.0.0.1:{server.port}", f"hydra.run.dir={out}"], cwd,
+                        "outage")
     while process.poll() is None and not (out / "mlflow_run_id").exists():
         time.sleep(0.02)
-    stop_server(server)
+    server.kill()
     killed_at = time.monotonic()
     stdout, stderr = process.communicate(timeout=600)
     finished = time.monotonic()
@@ -493,29 +516,25 @@ def replayed_without_loss(port: int, outcome: dict):
 
 
 @pytest.mark.slow
-def test_server_killed_during_extract_costs_seconds_and_replay_delivers_everything(tmp_path, start_cli):
-    port, root, out = free_port(), tmp_path / "server", tmp_path / "out"
-    root.mkdir()
-    server = start_server(port, root)
-    try:
-        outcome = run_through_an_outage(start_cli, ["extract", "backbone=mobilenet_v2", "backbone.weights=null",
-                                                    "backbone.input_shape=[32,32]", *TINY_SHAPES], port, server,
-                                        out, tmp_path)
-        assert outcome["blocked_s"] < 30, outcome  # MLflow's own client blocks ~247 s at the first call
-        assert outcome["after_kill_s"] < 120, outcome
-        server = start_server(port, root)
-        run, client = replayed_without_loss(port, outcome)
-        manifest = json.loads((out / "manifest.json").read_text())  # what the command produced
-        assert run.data.tags["finetune.command"] == "extract"
-        assert run.data.params["backbone"] == manifest["backbone"] == "mobilenet_v2"
-        assert int(run.data.params["feature_dim"]) == manifest["feature_dim"]
-        assert {int(run.data.params[f"{s}_size"]) for s in manifest["counts"]} == set(manifest["counts"].values())
-        names = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "features")}
-        assert names == {"manifest.json", manifest["file"], "backbone.weights.h5"}
-        print(f"extract: {outcome['total_s']:.1f} s, {outcome['after_kill_s']:.1f} s after the kill, "
-              f"{outcome['blocked_s']:.1f} s in failed calls", file=sys.stderr)
-    finally:
-        stop_server(server)
+def test_server_killed_during_extract_costs_seconds_and_replay_delivers_everything(tmp_path, start_cli,
+                                                                                   mlflow_server):
+    server, out = mlflow_server.start(), tmp_path / "out"
+    outcome = run_through_an_outage(start_cli, ["extract", "backbone=mobilenet_v2", "backbone.weights=null",
+                                                "backbone.input_shape=[32,32]", *TINY_SHAPES], server,
+                                    out, tmp_path)
+    assert outcome["blocked_s"] < 30, outcome  # MLflow's own client blocks ~247 s at the first call
+    assert outcome["after_kill_s"] < 120, outcome
+    server.start()
+    run, client = replayed_without_loss(server.port, outcome)
+    manifest = json.loads((out / "manifest.json").read_text())  # what the command produced
+    assert run.data.tags["finetune.command"] == "extract"
+    assert run.data.params["backbone"] == manifest["backbone"] == "mobilenet_v2"
+    assert int(run.data.params["feature_dim"]) == manifest["feature_dim"]
+    assert {int(run.data.params[f"{s}_size"]) for s in manifest["counts"]} == set(manifest["counts"].values())
+    names = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "features")}
+    assert names == {"manifest.json", manifest["file"], "backbone.weights.h5"}
+    print(f"extract: {outcome['total_s']:.1f} s, {outcome['after_kill_s']:.1f} s after the kill, "
+          f"{outcome['blocked_s']:.1f} s in failed calls", file=sys.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -530,26 +549,21 @@ def small_model(cli, mlflow_client):
 
 @pytest.mark.slow
 def test_server_killed_during_evaluate_costs_seconds_and_replay_delivers_everything(tmp_path, start_cli,
-                                                                                    small_model):
-    port, root, out = free_port(), tmp_path / "server", tmp_path / "out"
-    root.mkdir()
-    server = start_server(port, root)
-    try:
-        model = small_model["model"]  # a path: the new run is on the server
-        outcome = run_through_an_outage(start_cli, ["evaluate", f"model={model}", *small_model["overrides"],
-                                                    "evaluate.split=train"], port, server, out, tmp_path)
-        assert outcome["blocked_s"] < 30, outcome
-        assert outcome["after_kill_s"] < 120, outcome
-        server = start_server(port, root)
-        run, client = replayed_without_loss(port, outcome)
-        produced = json.loads((out / "evaluation" / "train" / "metrics.json").read_text())["metrics"]
-        for name in ("loss", "accuracy", "top3_accuracy", "macro_f1"):
-            assert run.data.metrics[f"eval_train_{name}"] == pytest.approx(produced[name]), name
-        assert run.data.tags["finetune.command"] == "evaluate" and run.data.tags["finetune.model_ref"] == str(model)
-        names = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "evaluation/train")}
-        assert names == {"confusion_matrix.png", "confusion_matrix.csv", "per_class.csv", "predictions.csv",
-                         "metrics.json"}
-        print(f"evaluate: {outcome['total_s']:.1f} s, {outcome['after_kill_s']:.1f} s after the kill, "
-              f"{outcome['blocked_s']:.1f} s in failed calls", file=sys.stderr)
-    finally:
-        stop_server(server)
+                                                                                    small_model, mlflow_server):
+    server, out = mlflow_server.start(), tmp_path / "out"
+    model = small_model["model"]  # a path: the new run is on the server
+    outcome = run_through_an_outage(start_cli, ["evaluate", f"model={model}", *small_model["overrides"],
+                                                "evaluate.split=train"], server, out, tmp_path)
+    assert outcome["blocked_s"] < 30, outcome
+    assert outcome["after_kill_s"] < 120, outcome
+    server.start()
+    run, client = replayed_without_loss(server.port, outcome)
+    produced = json.loads((out / "evaluation" / "train" / "metrics.json").read_text())["metrics"]
+    for name in ("loss", "accuracy", "top3_accuracy", "macro_f1"):
+        assert run.data.metrics[f"eval_train_{name}"] == pytest.approx(produced[name]), name
+    assert run.data.tags["finetune.command"] == "evaluate" and run.data.tags["finetune.model_ref"] == str(model)
+    names = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "evaluation/train")}
+    assert names == {"confusion_matrix.png", "confusion_matrix.csv", "per_class.csv", "predictions.csv",
+                     "metrics.json"}
+    print(f"evaluate: {outcome['total_s']:.1f} s, {outcome['after_kill_s']:.1f} s after the kill, "
+          f"{outcome['blocked_s']:.1f} s in failed calls", file=sys.stderr)
