@@ -20,7 +20,7 @@ EPOCHS = 3  # killed in epoch 2, terminated in epoch 3, finished: every resume p
 # block alone, a frozen backbone on cached features) and nothing random but the seeded data order:
 # no dropout, no augmentation, no BatchNorm re-estimation at the end.
 # VGG16 at 32 px: 19 layers, so each process traces its graphs in a few seconds (MobileNetV2: 155 layers).
-RUN = ["backbone=vgg16", "backbone.weights=null", "backbone.input_shape=[32,32]", "trainer.batch_size=16",
+RUN = ["backbone=vgg16", "backbone.weights=null", "backbone.input_shape=[32,32]", "trainer.batch_size=8",
        "trainer.verbose=0", *TINY_SHAPES, "freeze=last_n", "freeze.n=2", "head.dropout=0",
        f"trainer.epochs={EPOCHS}", "trainer.steps_per_epoch=8", "trainer.bn_recalibration=false",
        "trainer.early_stopping.enabled=false"]
