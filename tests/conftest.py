@@ -211,6 +211,38 @@ def trained_model(cli, mlflow_client):
             "overrides": data, "registered": "models:/fixture-model/1"}
 
 
+ARTIFACTS = {"config.yaml", "overrides.yaml", "label_map.json", "confusion_matrix.png",
+             "confusion_matrix.csv", "training_curves.png", "metrics.json"}
+
+
+def artifact_paths(client, run_id, path=""):
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def assert_recorded(client, run, *, epochs, classes):
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    for key in ("backbone", "weights_source", "input_shape", "params_total", "stage1.params_trainable",
+                "stage1.params_frozen", "dataset", "train_size", "val_size", "num_classes",
+                "class_names", "trainer.batch_size", "backbone.name", "freeze.name"):
+        assert key in params, key
+    assert params["num_classes"] == str(len(classes))
+    assert params["class_names"] == ",".join(classes)
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "stage"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == list(range(epochs)), key
+    assert "final_val_accuracy" in run.data.metrics
+    paths = artifact_paths(client, run.info.run_id)
+    names = {p.rsplit("/", 1)[-1] for p in paths}
+    assert ARTIFACTS <= names, ARTIFACTS - names
+    assert "model/model.keras" in paths
+    assert any(p.startswith("freeze_plan/") for p in paths)
+    return paths
+
+
 def one_error_line(result) -> str:
     """The single `error: ...` line of a CLI call that must fail with exit 2 and no traceback."""
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
