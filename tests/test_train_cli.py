@@ -14,13 +14,15 @@ from tests.conftest import TINY, TINY_SHAPES, artifact_paths, assert_recorded, o
 
 pytestmark = pytest.mark.slow
 
-def test_shapes_run_records_params_metrics_artifacts(cli, mlflow_client, store):
-    result = cli("train", *TINY, *TINY_SHAPES, "trainer.epochs=2", "tracking.register_model=tiny-shapes",
-                 experiment="e2e_shapes")
+def test_two_stage_shapes_run_records_params_metrics_artifacts(cli, mlflow_client, store):
+    # the two_stage preset (head, then the last blocks at 10x lower lr) on VGG16, whose second stage's blocks
+    # trace in seconds (MobileNetV2's backward pass took ~20 s here)
+    result = cli("train", *TINY, "backbone=vgg16", *TINY_SHAPES, "experiment=two_stage", "trainer.stages.0.epochs=1",
+                 "trainer.stages.1.epochs=2", "tracking.register_model=tiny-shapes", experiment="e2e_shapes")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "freeze plan" in result.stdout and "run id" in result.stdout and "mlflow ui" in result.stdout
     (run,) = runs_of(mlflow_client, "e2e_shapes")
-    assert_recorded(mlflow_client, run, epochs=2, classes=["circle", "square", "triangle"])
+    assert_recorded(mlflow_client, run, epochs=3, classes=["circle", "square", "triangle"])
     assert run.data.params["weights_source"] == "random"
     paths = artifact_paths(mlflow_client, run.info.run_id)
     assert {"model/config.yaml", "model/label_map.json", "backbone/backbone.weights.h5"} <= paths
@@ -28,6 +30,19 @@ def test_shapes_run_records_params_metrics_artifacts(cli, mlflow_client, store):
     assert version.run_id == run.info.run_id and "models:/tiny-shapes/1" in result.stdout
     for name in ("circle", "square", "triangle"):
         assert f"test_f1_{name}" in run.data.metrics
+
+    # both stages, one history
+    assert result.stdout.count("freeze plan, stage") == 2
+    client = mlflow_client
+    stages = [m.value for m in client.get_metric_history(run.info.run_id, "stage")]
+    assert stages == [0.0, 1.0, 1.0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [0, 1, 2]
+    lrs = [m.value for m in client.get_metric_history(run.info.run_id, "learning_rate")]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[1] == pytest.approx(1e-4)  # recompiled at 10x lower
+    params = run.data.params
+    assert params["stage1.freeze"] == "all" and params["stage2.freeze"] == "last_n"
+    assert int(params["stage2.params_trainable"]) > int(params["stage1.params_trainable"])
+
     # the logged model loads in plain Keras safe mode and carries its own preprocessing (built-in layers)
     import keras
 
@@ -78,24 +93,6 @@ def test_tfds_run_on_mock_data(mlflow_client, store, cache_dir, tmp_path):
     assert_recorded(mlflow_client, run, epochs=1, classes=[str(i) for i in range(10)])
 
 
-def test_two_stage_preset_runs_both_stages_with_one_history(cli, mlflow_client):
-    # VGG16: its second stage's blocks trace in seconds (MobileNetV2's backward pass took ~20 s here)
-    result = cli("train", *TINY, "backbone=vgg16", *TINY_SHAPES, "experiment=two_stage", "trainer.stages.0.epochs=1",
-                 "trainer.stages.1.epochs=2", experiment="e2e_two_stage")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("freeze plan, stage") == 2
-    (run,) = runs_of(mlflow_client, "e2e_two_stage")
-    client = mlflow_client
-    stages = [m.value for m in client.get_metric_history(run.info.run_id, "stage")]
-    assert stages == [0.0, 1.0, 1.0]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [0, 1, 2]
-    lrs = [m.value for m in client.get_metric_history(run.info.run_id, "learning_rate")]
-    assert lrs[0] == pytest.approx(1e-3) and lrs[1] == pytest.approx(1e-4)  # recompiled at 10x lower
-    params = run.data.params
-    assert params["stage1.freeze"] == "all" and params["stage2.freeze"] == "last_n"
-    assert int(params["stage2.params_trainable"]) > int(params["stage1.params_trainable"])
-
-
 def test_seed_preset_runs_one_tiny_step(cli, mlflow_client):
     result = cli("train", "experiment=seed_vgg16_flatten", "backbone.input_shape=[32,32,3]", "backbone.weights=null",
                  *TINY_SHAPES, "trainer.steps_per_epoch=1", "trainer.epochs=1", "trainer.verbose=0",
@@ -111,7 +108,8 @@ def test_quickstart_preset_on_its_digits_records_everything(cli, mlflow_client):
     trained_model fixture already trains it that way, BatchNorm re-estimation too)."""
     result = cli("train", "experiment=quickstart", "backbone=vgg16", "backbone.input_shape=[32,32]",
                  "trainer.bn_recalibration_batches=2", "trainer.steps_per_epoch=1", "trainer.epochs=1",
-                 "trainer.verbose=0", "data.val_split=0.5", "data.test_split=0.3", experiment="e2e_preset_quickstart")
+                 "trainer.verbose=0", "data.val_split=0.1", "data.test_split=0.1",  # ~180 images each to evaluate
+                 experiment="e2e_preset_quickstart")
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs_of(mlflow_client, "e2e_preset_quickstart")
     assert_recorded(mlflow_client, run, epochs=1, classes=[str(i) for i in range(10)])
