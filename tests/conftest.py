@@ -73,8 +73,9 @@ class WarmCli:
         keys = {k for k in set(env) | set(self.env) if k not in self.CALL_TIME_KEYS and not k.startswith("PYTEST_")}
         return all(env.get(k) == self.env.get(k) for k in keys)
 
-    def start(self, args: list[str], experiment, cwd, env: dict, new_session: bool = False):
-        command = cli_command(args, experiment)
+    def start(self, args: list[str], experiment, cwd, env: dict, new_session: bool = False, script=None):
+        """`python -m finetune <args>`, or `python <script> <args>` given a script."""
+        command = [sys.executable, str(script), *args] if script else cli_command(args, experiment)
         if not self.serves(env):
             return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True, start_new_session=new_session)
@@ -82,8 +83,8 @@ class WarmCli:
             self._start_server()
         self.calls += 1
         out, err = self.folder / f"{self.calls}.out", self.folder / f"{self.calls}.err"
-        request = {"argv": command[3:], "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err),
-                   "new_session": new_session}
+        request = {"argv": command[2 if script else 3:], "cwd": str(cwd), "env": env, "stdout": str(out),
+                   "stderr": str(err), "new_session": new_session, "script": str(script) if script else None}
         self.server.stdin.write(json.dumps(request) + "\n")
         return WarmProcess(self, command, self._reply(60)["pid"], out, err)
 

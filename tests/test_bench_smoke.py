@@ -4,8 +4,6 @@ Tiny sizes: checks the plumbing only, never the speed (the numbers of a smoke ru
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -18,14 +16,17 @@ TIMED_ROWS = ("1", "2", "3", "4")
 
 
 @pytest.fixture(scope="module")
-def smoke_report(tmp_path_factory):
+def smoke_report(tmp_path_factory, warm_cli):
+    """`python scripts/bench.py --smoke`, forked from the warm interpreter (tests/warm_cli.py) that has
+    TensorFlow imported already: the script runs as __main__ with its argv, cwd and environment."""
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "bench.md"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], cwd=tmp,
-                            env=cli_env(tmp / "cache"), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    process = warm_cli.start(["--smoke", "--out", str(out)], None, cwd=tmp, env=cli_env(tmp / "cache"),
+                             script=SCRIPT)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-4000:]
     return {"json": json.loads(out.with_suffix(".json").read_text()), "markdown": out.read_text(),
-            "stderr": result.stderr}
+            "stderr": stderr}
 
 
 def test_every_row_has_both_sides_timed_and_a_ratio(smoke_report):

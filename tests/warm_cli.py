@@ -12,7 +12,8 @@ and `tests/conftest.py` sends any request whose environment differs in what is r
 (KERAS_HOME, TF_CPP_MIN_LOG_LEVEL, FINETUNE_TF_LOGS...) to a real interpreter as well.
 
 Protocol (one request at a time): a JSON line on stdin {"argv", "cwd", "env", "stdout", "stderr",
-"new_session" (setsid, as Popen's start_new_session)};
+"new_session" (setsid, as Popen's start_new_session), "script" (optional: run that file as __main__ instead,
+as `python <script> <argv>` would)};
 the reply is a line {"pid": ...} at once and {"returncode": ...} when the child ends (negative: the
 signal that ended it, as subprocess reports it).
 """
@@ -42,7 +43,7 @@ def preload() -> None:
 
 
 def run_child(request: dict) -> None:
-    """In the forked child: become `python -m finetune <argv>` and never return."""
+    """In the forked child: become `python -m finetune <argv>` (or `python <script> <argv>`) and never return."""
     code = 1
     try:
         if request.get("new_session"):
@@ -56,11 +57,19 @@ def run_child(request: dict) -> None:
             out = os.open(request[key], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(out, fd)
             os.close(out)
-        import finetune.__main__ as entry
-
-        sys.argv = [entry.__file__, *request["argv"]]
         try:
-            code = entry.main(request["argv"])
+            if request.get("script"):  # `python <script> <argv>`
+                import runpy
+
+                sys.argv = [request["script"], *request["argv"]]
+                sys.path[0] = os.path.dirname(os.path.abspath(request["script"]))
+                runpy.run_path(request["script"], run_name="__main__")
+                code = 0
+            else:
+                import finetune.__main__ as entry
+
+                sys.argv = [entry.__file__, *request["argv"]]
+                code = entry.main(request["argv"])
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
             if not isinstance(stop.code, (int, type(None))):
