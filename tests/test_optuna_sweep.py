@@ -52,7 +52,7 @@ def test_a_failed_trial_is_recorded_and_the_study_goes_on(cli, store, mlflow_cli
 def test_a_killed_study_resumes_where_it_stopped(store, cli, start_cli, mlflow_client):
     experiment, name = "optuna_resume", "head-optuna_resume"
     args = (["train", "-m", *TINY, *TINY_SHAPES, "hparams_search=head_optuna",
-                        "hydra.sweeper.n_trials=4", "trainer.isolate_sweep_jobs=false"])
+                        "hydra.sweeper.n_trials=3", "trainer.isolate_sweep_jobs=false"])
     # trials in one process (a few seconds each on cached features): SIGKILL takes them all down at once
 
     def running_children(name):
@@ -70,8 +70,8 @@ def test_a_killed_study_resumes_where_it_stopped(store, cli, start_cli, mlflow_c
                     states = [t.state.name for t in load_study(store, name).trials]
                 except KeyError:  # the study is not created yet
                     continue
-                # killed in its 3rd trial, once that trial's MLflow run has started
-                if states.count("COMPLETE") >= 2 and "RUNNING" in states and running_children(experiment):
+                # killed in its 2nd trial, once that trial's MLflow run has started
+                if states.count("COMPLETE") >= 1 and "RUNNING" in states and running_children(experiment):
                     break
         if first.poll() is not None:
             raise AssertionError("the sweep ended before it could be interrupted: " + first.communicate()[1][-2000:])
@@ -79,7 +79,7 @@ def test_a_killed_study_resumes_where_it_stopped(store, cli, start_cli, mlflow_c
         os.killpg(first.pid, signal.SIGKILL)  # like a lost node or OOM-killer: no clean-up at all
         first.wait()
     before = load_study(store, name).trials
-    assert sum(t.state.name == "COMPLETE" for t in before) >= 2
+    assert sum(t.state.name == "COMPLETE" for t in before) >= 1
 
     second = cli(*args, experiment=experiment)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -89,7 +89,7 @@ def test_a_killed_study_resumes_where_it_stopped(store, cli, start_cli, mlflow_c
     assert len(after) > len(before)
     assert [t.number for t in after[:len(before)]] == [t.number for t in before]  # the same study, grown
     complete = [t for t in after if t.state.name == "COMPLETE"]
-    assert len(complete) == 4  # n_trials counts the trials done before the kill
+    assert len(complete) == 3  # n_trials counts the trials done before the kill
     assert not [t for t in after if t.state.name in ("RUNNING", "WAITING")]
     params = [tuple(sorted(t.params.items())) for t in complete]
     assert len(set(params)) == len(params), "a resumed study repeated a trial"
@@ -102,6 +102,6 @@ def test_a_killed_study_resumes_where_it_stopped(store, cli, start_cli, mlflow_c
     (parent,) = parents  # the resumed sweep kept its parent run
     assert parent.info.status == "FINISHED"
     assert not [c for c in children if c.info.status == "RUNNING"]
-    assert sum(c.info.status == "FINISHED" for c in children) == 4
+    assert sum(c.info.status == "FINISHED" for c in children) == 3
     assert sum(c.info.status == "KILLED" for c in children) == len(interrupted)
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
