@@ -35,6 +35,9 @@ def validate_train(cfg) -> BackboneSpec:
         check_head(cfg.head, cfg.backbone)
         check_freeze(cfg, spec)
     check_trainer(cfg.trainer, cfg.optimizer)
+    check_schedule(cfg.schedule)
+    check_loss(cfg.loss)
+    check_class_weight(cfg.trainer.class_weight, cfg_get(cfg.data, "sampler", "none"))
     check_data(cfg.data)
     return spec
 
@@ -126,6 +129,56 @@ def check_trainer(cfg_trainer, cfg_optimizer) -> None:
         raise ConfigError("optimizer.lr", cfg_optimizer.lr, "a learning rate > 0")
     if cfg_trainer.steps_per_epoch is not None and cfg_trainer.steps_per_epoch < 1:
         raise ConfigError("trainer.steps_per_epoch", cfg_trainer.steps_per_epoch, "null or an integer >= 1")
+
+
+def _in_range(key: str, value, low: float, high: float, rule: str, low_open=False, high_open=False) -> None:
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and (low < value if low_open else low <= value) and (value < high if high_open else value <= high))
+    if not ok:
+        raise ConfigError(key, value, rule)
+
+
+def check_schedule(cfg_schedule) -> None:
+    """The `schedule` group's values (finetune.train.schedules)."""
+    inf = float("inf")
+    _in_range("schedule.warmup_epochs", cfg_schedule.warmup_epochs, 0, inf, "a number of epochs >= 0, e.g. 1")
+    _in_range("schedule.min_lr_ratio", cfg_schedule.min_lr_ratio, 0, 1, "a fraction of the rate in [0, 1]")
+    _in_range("schedule.gamma", cfg_schedule.gamma, 0, 1, "a factor in (0, 1], e.g. 0.1", low_open=True)
+    _in_range("schedule.factor", cfg_schedule.factor, 0, 1, "a factor in (0, 1), e.g. 0.3", low_open=True,
+              high_open=True)
+    _in_range("schedule.pct_start", cfg_schedule.pct_start, 0, 1, "a fraction in (0, 1), e.g. 0.25",
+              low_open=True, high_open=True)
+    _in_range("schedule.div_factor", cfg_schedule.div_factor, 1, inf, "a number >= 1, e.g. 25")
+    _in_range("schedule.min_delta", cfg_schedule.min_delta, 0, inf, "a number >= 0")
+    positive_int("schedule.every_epochs", cfg_schedule.every_epochs)
+    positive_int("schedule.patience", cfg_schedule.patience)
+    if choice(cfg_schedule.name) == "plateau" and not str(cfg_schedule.monitor).startswith("val_"):
+        raise ConfigError("schedule.monitor", cfg_schedule.monitor,
+                          "a validation metric the run logs: val_loss or val_accuracy")
+
+
+def check_loss(cfg_loss) -> None:
+    _in_range("loss.label_smoothing", cfg_loss.label_smoothing, 0, 1, "a fraction in [0, 1), e.g. 0.1",
+              high_open=True)
+    _in_range("loss.gamma", cfg_loss.gamma, 0, float("inf"), "a number >= 0, e.g. 2")
+    _in_range("loss.alpha", cfg_loss.alpha, 0, 1, "a weight in (0, 1], e.g. 0.25", low_open=True)
+
+
+def check_class_weight(value, sampler) -> None:
+    """trainer.class_weight: none | balanced | {class name: weight > 0}; the class names themselves are
+    checked against the data when it is read (finetune.train.imbalance)."""
+    from omegaconf import DictConfig
+
+    rule = "none, balanced, or a mapping of class names to weights > 0, e.g. '{cat: 2.0, dog: 1.0}'"
+    if isinstance(value, (dict, DictConfig)):
+        for name, weight in value.items():
+            if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or weight <= 0:
+                raise ConfigError(f"trainer.class_weight.{name}", weight, "a weight > 0")
+    elif value is not None and str(value) not in ("none", "balanced"):
+        raise ConfigError("trainer.class_weight", value, rule)
+    if str(value) == "balanced" and choice(sampler) == "balanced":
+        raise ConfigError("trainer.class_weight", value, "none with data.sampler=balanced (balanced batches "
+                          "and balanced weights together correct the imbalance twice): choose one")
 
 
 def check_split(val_split, test_split, val_path=None) -> None:

@@ -58,6 +58,24 @@ class Augment(str, Enum):
     flip = "flip"
 
 
+class Sampler(str, Enum):
+    none = "none"
+    balanced = "balanced"
+
+
+class ScheduleKind(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+    step = "step"
+    plateau = "plateau"
+    one_cycle = "one_cycle"
+
+
+class LossKind(str, Enum):
+    crossentropy = "crossentropy"
+    focal = "focal"
+
+
 class OnBadFile(str, Enum):
     skip = "skip"
     fail = "fail"
@@ -113,6 +131,9 @@ class DataCommon:
     cache: CacheMode = CacheMode.auto
     cache_max_mb: int = 2048
     augment: Augment = Augment.none
+    # training batches: none = the data as it is; balanced = oversampled so that every class is equally
+    # likely in each batch (not together with trainer.class_weight=balanced: that would correct twice)
+    sampler: Sampler = Sampler.none
 
 
 @dataclass
@@ -188,6 +209,37 @@ class OptimizerConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """The learning rate over a stage's optimizer updates (finetune.train.schedules has the formulas)."""
+    name: ScheduleKind = MISSING
+    # linear warmup from ~0 to the stage's rate over this many epochs (fractions allowed; not one_cycle)
+    warmup_epochs: float = 0.0
+    # cosine, one_cycle: the final rate as a fraction of the stage's; plateau: the lowest
+    min_lr_ratio: float = 0.0
+    # step: x gamma every every_epochs epochs of the stage
+    every_epochs: int = 10
+    gamma: float = 0.1
+    # plateau: x factor after `patience` epochs without `monitor` improving by min_delta
+    monitor: str = "val_loss"
+    factor: float = 0.1
+    patience: int = 2
+    min_delta: float = 1e-4
+    # one_cycle: rises from lr / div_factor to lr over the first pct_start of the stage, then anneals
+    pct_start: float = 0.25
+    div_factor: float = 25.0
+
+
+@dataclass
+class LossConfig:
+    name: LossKind = MISSING
+    # the target puts 1 - s on the true class and s / k on every class (one-hot inside; labels stay integers)
+    label_smoothing: float = 0.0
+    # focal: how much easy examples are down-weighted (0 = cross-entropy) and the focal alpha
+    gamma: float = 2.0
+    alpha: float = 0.25
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING
     epochs: int = 1
@@ -218,6 +270,8 @@ class TrainerConfig:
     bn_recalibration: bool = True
     bn_recalibration_batches: int = 100
     steps_per_epoch: Optional[int] = None
+    # none | balanced (class c weighs n / (k * n_c)) | a mapping {class name: weight} (unlisted classes: 1)
+    class_weight: Any = "none"
     verbose: int = 2
     # In a multirun, train each job in a fresh process: TensorFlow/Keras keep memory of every model
     # trained in a process, which keras.backend.clear_session() does not return (measured: +192 MB a
@@ -260,6 +314,8 @@ class TrainConfig:
     head: HeadConfig = MISSING
     data: Any = MISSING
     optimizer: OptimizerConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    loss: LossConfig = MISSING
     trainer: TrainerConfig = MISSING
     tracking: TrackingConfig = MISSING
 

@@ -109,6 +109,10 @@ CACHE_POLICIES = {
 }
 
 
+# data.sampler -> whether training batches are class-balanced
+SAMPLERS = {"none": False, "balanced": True}
+
+
 def _tfds_elements(dataset: Dataset, split: Split, training: bool, seed: int) -> tf.data.Dataset:
     import tensorflow_datasets as tfds
 
@@ -172,6 +176,50 @@ def _elements(dataset: Dataset, key: str, part: Split, hw, training: bool, seed:
     raise DataError(f"{dataset.name}: the {key} split has neither files, arrays nor a tfds split")
 
 
+def _class_counts(part: Split, ds: tf.data.Dataset) -> np.ndarray:
+    """Images per class of a split: from its labels, or (a tfds split) one pass over its labels."""
+    labels = part.labels
+    if labels is None:
+        labels = np.fromiter((int(y) for y in ds.map(lambda x, y: y).as_numpy_iterator()), np.int64)
+    return np.bincount(np.asarray(labels, np.int64).reshape(-1))
+
+
+def _balanced(streams: list[tf.data.Dataset], seed: int) -> tf.data.Dataset:
+    """One endless stream that draws each class with equal probability (each class's stream repeats)."""
+    return tf.data.Dataset.sample_from_datasets(streams, weights=[1.0 / len(streams)] * len(streams), seed=seed,
+                                                rerandomize_each_iteration=True)
+
+
+def _balanced_files(part: Split, hw, seed: int) -> tf.data.Dataset:
+    """data.sampler=balanced on files not kept in memory: the file names are balanced before decoding, so
+    every drawn image is decoded once."""
+    labels = np.asarray(part.labels, np.int32)
+    paths = np.asarray(part.paths, dtype=object).astype(str)
+    bmp = np.char.endswith(np.char.lower(paths), ".bmp")
+    pillow = bmp | np.asarray(part.pillow, bool) if part.pillow is not None else bmp
+    streams = []
+    for c in np.unique(labels):
+        keep = labels == c
+        streams.append(tf.data.Dataset.from_tensor_slices((paths[keep], labels[keep], pillow[keep]))
+                       .shuffle(int(keep.sum()), seed=seed + int(c), reshuffle_each_iteration=True).repeat())
+    ds = _balanced(streams, seed)
+    return ds.map(lambda p, y, pil: (decode_file(p, hw, pil), y),
+                  num_parallel_calls=AUTOTUNE).ignore_errors(log_warning=True)
+
+
+def _balanced_elements(part: Split, ds: tf.data.Dataset, seed: int, buffer: int) -> tf.data.Dataset:
+    """data.sampler=balanced on decoded elements (cached in memory, arrays, tfds): one filtered stream per
+    class that has training images."""
+    counts = _class_counts(part, ds)
+    streams = []
+    for c in np.flatnonzero(counts):
+        stream = ds.filter(lambda x, y, c=int(c): tf.equal(tf.cast(y, tf.int64), c))
+        size = int(counts[c])
+        streams.append(stream.shuffle(max(2, min(size, buffer or size)), seed=seed + int(c),
+                                      reshuffle_each_iteration=True).repeat())
+    return _balanced(streams, seed)
+
+
 def _shuffle_buffer(part: Split, hw, batch_size: int, in_memory: bool) -> int:
     size = int(part.size)
     if in_memory and size > 0:
@@ -183,23 +231,33 @@ def _shuffle_buffer(part: Split, hw, batch_size: int, in_memory: bool) -> int:
 
 
 def make_pipeline(dataset: Dataset, split: str, image_size, batch_size: int, *, training: bool, seed: int,
-                  cache: str = "auto", cache_max_mb: int = 2048, augment: str = "none") -> tf.data.Dataset:
+                  cache: str = "auto", cache_max_mb: int = 2048, augment: str = "none",
+                  sampler: str = "none") -> tf.data.Dataset:
     """A batched tf.data pipeline for one split of `dataset`.
 
     Yields (float32 [B, h, w, 3] in 0..255, int32 [B]). Training pipelines shuffle (seeded,
     reshuffled every epoch) and augment (finetune.data.augment); others keep a fixed order. `cache`:
     "memory" caches the resized split in memory, "off" never, "auto" when it needs < cache_max_mb MiB.
+    `sampler` (training only): "balanced" draws every class with equal probability, endlessly (oversampling
+    the small classes); "none" passes over the split as it is.
     """
     key, part = _part(dataset, split)
     hw, seed = _hw(image_size), int(seed)
     in_memory = lookup(CACHE_POLICIES, "data.cache", cache)(int(part.size), hw, cache_max_mb)
-    ds = _elements(dataset, key, part, hw, training, seed, in_memory)
-    if in_memory:
-        ds = ds.cache()
+    balanced = training and lookup(SAMPLERS, "data.sampler", sampler)
+    if balanced and part.paths is not None and not in_memory:
+        ds = _balanced_files(part, hw, seed)
+    else:
+        ds = _elements(dataset, key, part, hw, training and not balanced, seed, in_memory)
+        if in_memory:
+            ds = ds.cache()
+        if balanced:
+            ds = _balanced_elements(part, ds, seed, _shuffle_buffer(part, hw, int(batch_size), True))
+        elif training:
+            buffer = _shuffle_buffer(part, hw, int(batch_size), in_memory)
+            if buffer > 1:
+                ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     if training:
-        buffer = _shuffle_buffer(part, hw, int(batch_size), in_memory)
-        if buffer > 1:
-            ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
         ds = augmentation.augment(ds, augment, seed)
     ds = ds.batch(int(batch_size))
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.int32)), num_parallel_calls=AUTOTUNE)

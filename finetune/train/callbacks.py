@@ -1,4 +1,5 @@
-"""What runs at every epoch end of a stage: the checkpoint, the MLflow metrics, early stopping."""
+"""What runs in a stage's fit: the learning-rate schedule (before every batch), then at every epoch end
+the checkpoint, the MLflow metrics and early stopping."""
 from __future__ import annotations
 
 import keras
@@ -7,7 +8,8 @@ from finetune import tracking
 
 
 class MlflowEpochMetrics(keras.callbacks.Callback):
-    """Logs every epoch's metrics and learning rate at the global epoch (continuous across stages)."""
+    """Logs every epoch's metrics and learning rate at the global epoch (continuous across stages).
+    `learning_rate` is the rate of the epoch's last optimizer update (the schedule sets it before each)."""
 
     def __init__(self, stage_index: int):
         super().__init__()
@@ -26,15 +28,17 @@ class EpochCheckpoint(keras.callbacks.Callback):
     """At each epoch end, before the epoch's metrics go to MLflow: the run's checkpoint (weights,
     optimizer, history), so a kill at any later point loses nothing of this epoch."""
 
-    def __init__(self, progress, stage_index: int, stage_first_epoch: int):
+    def __init__(self, progress, stage_index: int, stage_first_epoch: int, schedule=None):
         super().__init__()
         self.progress, self.stage_index, self.stage_first_epoch = progress, stage_index, stage_first_epoch
+        self.schedule = schedule  # its state (plateau's) is part of the checkpoint
         self.logs: dict[str, list[float]] = {}
 
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():
             self.logs.setdefault(key, []).append(float(value))
-        self.progress.save(self.stage_index, epoch + 1, self.stage_first_epoch, self.logs, self.model.optimizer)
+        self.progress.save(self.stage_index, epoch + 1, self.stage_first_epoch, self.logs, self.model.optimizer,
+                           schedule=self.schedule.state() if self.schedule is not None else None)
 
 
 def early_stopping(cfg_es) -> list:
@@ -44,10 +48,13 @@ def early_stopping(cfg_es) -> list:
                                           restore_best_weights=cfg_es.restore_best_weights)]
 
 
-def stage_callbacks(cfg_trainer, stage_index: int, first_epoch: int, progress=None) -> list:
-    """In this order: checkpoint (when the run keeps them), MLflow metrics, early stopping."""
-    checkpoint = [EpochCheckpoint(progress, stage_index, first_epoch)] if progress and progress.checkpoints else []
-    return [*checkpoint, MlflowEpochMetrics(stage_index), *early_stopping(cfg_trainer.early_stopping)]
+def stage_callbacks(cfg_trainer, stage_index: int, first_epoch: int, progress=None, schedule=None) -> list:
+    """In this order: the schedule (its epoch-end step before the checkpoint that saves its state),
+    checkpoint (when the run keeps them), MLflow metrics, early stopping."""
+    checkpoint = ([EpochCheckpoint(progress, stage_index, first_epoch, schedule)]
+                  if progress and progress.checkpoints else [])
+    scheduled = [schedule] if schedule is not None else []
+    return [*scheduled, *checkpoint, MlflowEpochMetrics(stage_index), *early_stopping(cfg_trainer.early_stopping)]
 
 
 def _is_number(value) -> bool:

@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 
 from finetune import tracking
-from finetune.train import reports
+from finetune.train import imbalance, reports
 from finetune.train.stages import expected_end_of_data
 
 
-def evaluate_model(model, inputs, class_names: list[str], out: Path, title: str) -> dict:
+def evaluate_model(model, inputs, class_names: list[str], out: Path, title: str, train_counts=None) -> dict:
     """`model` on `inputs` (images, or features for a head): after a stage on cached features the head on
     those features is the whole model's computation (the backbone ran in inference mode), so no image is
-    run again. Writes metrics.json and the confusion matrix into `out`."""
+    run again. Writes metrics.json and the confusion matrix into `out`. `train_counts`: training images per
+    class; minority classes get their recall said and `<split>_minority_recall` logged."""
     sets = inputs.evaluation_sets()
     metrics = {}
     with expected_end_of_data():
@@ -27,6 +28,11 @@ def evaluate_model(model, inputs, class_names: list[str], out: Path, title: str)
         y_true, y_pred = predictions(model, sets[split])
     per_class = reports.per_class_metrics(y_true, y_pred, class_names)
     metrics.update({f"{split}_{tracking.metric_key(k)}": v for k, v in per_class.items()})
+    if train_counts is not None:
+        line, minority = imbalance.minority_summary(train_counts, class_names, per_class, split)
+        if line:
+            print(line)
+        metrics.update(minority)
     matrix = reports.plot_confusion_matrix(y_true, y_pred, class_names, out / "confusion_matrix.png",
                                            f"{title} ({split})")
     np.savetxt(out / "confusion_matrix.csv", matrix, fmt="%d", delimiter=",", header=",".join(class_names),

@@ -42,15 +42,18 @@ def image_inputs(cfg, dataset, input_shape) -> Inputs:
     # one iterator for the whole stage (repeat + steps_per_epoch): a new iterator every epoch
     # stalls each epoch's end until tf.data's autotuner wakes up (measured: up to 2x on short epochs)
     return Inputs(
-        train=make_pipeline(dataset, "train", training=True, augment=choice(d.augment), **common).repeat(),
+        train=make_pipeline(dataset, "train", training=True, augment=choice(d.augment),
+                            sampler=choice(d.get("sampler", "none")), **common).repeat(),
         train_plain=make_pipeline(dataset, "train", training=False, **common),
         val=make_pipeline(dataset, "val", training=False, **common),
         test=make_pipeline(dataset, "test", training=False, **common) if has_test else None,
         steps_per_epoch=steps_per_epoch(t, dataset.train.size))
 
 
-def feature_inputs(sets: dict, batch_size: int, seed: int, steps: int) -> Inputs:
-    """Pipelines over in-memory (features, labels) arrays per split ("train", "val", optional "test")."""
+def feature_inputs(sets: dict, batch_size: int, seed: int, steps: int, sampler: str = "none") -> Inputs:
+    """Pipelines over in-memory (features, labels) arrays per split ("train", "val", optional "test");
+    `sampler`: as data.sampler (balanced: every class equally likely in each training batch)."""
+    import numpy as np
     import tensorflow as tf
 
     def batches(split):
@@ -59,8 +62,16 @@ def feature_inputs(sets: dict, batch_size: int, seed: int, steps: int) -> Inputs
         return tf.data.Dataset.from_tensor_slices(sets[split]).batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
     features, labels = sets["train"]
-    train = (tf.data.Dataset.from_tensor_slices((features, labels))
-             .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-             .batch(batch_size).repeat().prefetch(tf.data.AUTOTUNE))
+    if sampler == "balanced":
+        labels_np = np.asarray(labels)
+        streams = [tf.data.Dataset.from_tensor_slices((features[labels_np == c], labels_np[labels_np == c]))
+                   .shuffle(int((labels_np == c).sum()), seed=seed + int(c), reshuffle_each_iteration=True).repeat()
+                   for c in np.unique(labels_np)]
+        train = (tf.data.Dataset.sample_from_datasets(streams, seed=seed, rerandomize_each_iteration=True)
+                 .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    else:
+        train = (tf.data.Dataset.from_tensor_slices((features, labels))
+                 .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+                 .batch(batch_size).repeat().prefetch(tf.data.AUTOTUNE))
     return Inputs(train=train, train_plain=batches("train"), val=batches("val"), test=batches("test"),
                   steps_per_epoch=steps)

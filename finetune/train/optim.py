@@ -1,5 +1,6 @@
-"""What a stage is compiled with: optimizer, learning-rate schedule, loss and metrics, each looked up by
-name in a registry (the next recipe options are new entries here, not new branches)."""
+"""What a stage is compiled with: optimizer, loss and metrics, each looked up by name in a registry (the
+next recipe options are new entries here, not new branches). The learning-rate schedule is a callback
+(finetune.train.schedules) that sets the optimizer's rate before each batch."""
 from __future__ import annotations
 
 import keras
@@ -23,10 +24,38 @@ def _sgd(cfg_opt, lr, common):
 
 # optimizer.name -> (cfg, learning rate or schedule, {weight_decay, clipnorm}) -> Keras optimizer
 OPTIMIZERS = {"adam": _adam, "adamw": _adamw, "sgd": _sgd}
-# schedule name -> (base lr, optimizer steps of the stage) -> learning rate or a Keras schedule
-SCHEDULES = {"constant": lambda lr, steps: lr}
-# loss name -> () -> Keras loss on integer labels and softmax outputs
-LOSSES = {"sparse_categorical_crossentropy": keras.losses.SparseCategoricalCrossentropy}
+
+
+class OneHotLoss(keras.losses.Loss):
+    """A Keras loss on one-hot targets, fed integer labels: one-hot inside. Keras' sparse cross-entropy
+    has no label smoothing and there is no sparse focal loss; the labels stay integers for the data, the
+    metrics and the class weights. (Only training uses it: saved models carry no compile config.)"""
+
+    def __init__(self, inner, num_classes: int, name: str = "loss"):
+        super().__init__(name=name)
+        self.inner, self.num_classes = inner, int(num_classes)
+
+    def call(self, y_true, y_pred):
+        labels = keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1,))
+        target = keras.ops.one_hot(labels, self.num_classes, dtype=y_pred.dtype)
+        return self.inner(target, y_pred)  # the inner loss reduces per example (no reduction here)
+
+
+def _crossentropy(cfg_loss, num_classes):
+    smoothing = float(cfg_loss.label_smoothing)
+    if not smoothing:
+        return keras.losses.SparseCategoricalCrossentropy()
+    return OneHotLoss(keras.losses.CategoricalCrossentropy(label_smoothing=smoothing, reduction=None), num_classes)
+
+
+def _focal(cfg_loss, num_classes):
+    return OneHotLoss(keras.losses.CategoricalFocalCrossentropy(
+        alpha=float(cfg_loss.alpha), gamma=float(cfg_loss.gamma), label_smoothing=float(cfg_loss.label_smoothing),
+        reduction=None), num_classes)
+
+
+# loss.name -> (cfg, number of classes) -> Keras loss on integer labels and softmax outputs
+LOSSES = {"crossentropy": _crossentropy, "focal": _focal}
 
 
 def common_options(cfg_opt) -> dict:
@@ -40,10 +69,16 @@ def common_options(cfg_opt) -> dict:
     return options
 
 
-def make_optimizer(cfg_opt, lr: float, steps: int | None = None, schedule: str = "constant"):
-    learning_rate = lookup(SCHEDULES, "schedule", schedule)(lr, steps)
+def make_optimizer(cfg_opt, lr: float):
     build = lookup(OPTIMIZERS, "optimizer", choice(cfg_opt.name))
-    return build(cfg_opt, learning_rate, common_options(cfg_opt))
+    return build(cfg_opt, lr, common_options(cfg_opt))
+
+
+def make_loss(cfg_loss, num_classes: int):
+    """The loss of `cfg_loss` (the `loss` group); None: plain cross-entropy."""
+    if cfg_loss is None:
+        return keras.losses.SparseCategoricalCrossentropy()
+    return lookup(LOSSES, "loss", choice(cfg_loss.name))(cfg_loss, num_classes)
 
 
 def metric_objects(num_classes: int) -> list:
@@ -53,8 +88,7 @@ def metric_objects(num_classes: int) -> list:
     return metrics
 
 
-def compile_model(model, cfg_opt, lr: float, num_classes: int, jit_compile: bool = False,
-                  loss: str = "sparse_categorical_crossentropy") -> None:
+def compile_model(model, cfg_opt, lr: float, num_classes: int, jit_compile: bool = False, cfg_loss=None) -> None:
     """(Re)compile: required after any change of `trainable` for it to take effect."""
-    model.compile(optimizer=make_optimizer(cfg_opt, lr), loss=lookup(LOSSES, "loss", loss)(),
+    model.compile(optimizer=make_optimizer(cfg_opt, lr), loss=make_loss(cfg_loss, num_classes),
                   metrics=metric_objects(num_classes), jit_compile=jit_compile)

@@ -36,8 +36,10 @@ class Progress:
             self.history.setdefault(key, []).extend(float(v) for v in values)
         return start + len(history.epoch)
 
-    def save(self, stage: int, epoch: int, stage_first_epoch: int, current: dict, optimizer) -> None:
-        """`current`: this stage's epoch logs not yet in self.history; optimizer: mid-stage state or None."""
+    def save(self, stage: int, epoch: int, stage_first_epoch: int, current: dict, optimizer,
+             schedule: dict | None = None) -> None:
+        """`current`: this stage's epoch logs not yet in self.history; optimizer: mid-stage state or None;
+        schedule: the stage's schedule state (finetune.train.schedules.ScheduleCallback.state)."""
         if self.checkpoints is None:
             return
         import mlflow
@@ -48,7 +50,7 @@ class Progress:
         state = {"stage": stage, "epoch": epoch, "stage_first_epoch": stage_first_epoch, "history": history,
                  "stage_starts": [list(s) for s in self.stage_starts], "backbone_changed": self.backbone_changed,
                  "run_id": mlflow.active_run().info.run_id if mlflow.active_run() else None,
-                 "config_hash": self.config_key}
+                 "config_hash": self.config_key, "schedule": schedule}
         weights = weight_arrays(self.parts.backbone, self.parts.head, self.backbone_changed)
         self.checkpoints.save(state, weights, optimizer_arrays(optimizer) if optimizer is not None else None)
 

@@ -27,6 +27,7 @@ from finetune.train.inputs import Inputs, feature_inputs, image_inputs
 from finetune.train.optim import compile_model
 from finetune.train.progress import Progress
 from finetune.train.record import Setup, record_setup, record_stage, save_and_record, weights_description
+from finetune.train import imbalance, schedules
 from finetune.train.stages import Stage, fit_stage, plan_stages
 
 
@@ -40,6 +41,8 @@ class Run:
     images: Inputs
     compute: ComputeChoice
     progress: Progress
+    train_counts: Any = None  # training images per class (None: unknown without a pass over the data)
+    class_weight: dict | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -63,6 +66,8 @@ def train_on_images(cfg, spec, dataset, output_dir: Path, resume: dict | None = 
         images = image_inputs(cfg, dataset, input_shape_of(cfg.backbone, spec))
         parts = build_parts(cfg.backbone, cfg.head, spec, len(dataset.class_names))
         run = Run(cfg, out, dataset, parts, images, compute, Progress.for_run(cfg, parts, out))
+        run.train_counts = training_counts(dataset, images, needed=str(cfg.trainer.class_weight) == "balanced")
+        run.class_weight = record_class_weight(cfg, run.classes, run.train_counts)
         record_setup(cfg, out, dataset, image_setup(run))
         epoch, done, inside = run.progress.restore(resume) if resume else (0, 0, None)
         fitted = None
@@ -74,9 +79,10 @@ def train_on_images(cfg, spec, dataset, output_dir: Path, resume: dict | None = 
             run.progress.save(index + 1, epoch, epoch, {}, None)  # the next stage starts afresh
         if fitted is None:  # interrupted after the last stage: only the end is left
             model = assemble(parts)
-            compile_model(model, cfg.optimizer, float(cfg.optimizer.lr), len(run.classes))
+            compile_model(model, cfg.optimizer, float(cfg.optimizer.lr), len(run.classes), cfg_loss=cfg.loss)
             fitted = Fitted(model, images, model)
-        metrics = evaluate_model(fitted.model, fitted.inputs, run.classes, out, f"{spec.name} on {dataset.name}")
+        metrics = evaluate_model(fitted.model, fitted.inputs, run.classes, out, f"{spec.name} on {dataset.name}",
+                                 train_counts=run.train_counts)
         save_and_record(cfg, out, fitted.image_model, parts.backbone, run.progress)
         run.progress.discard()
     return metrics
@@ -95,18 +101,64 @@ def train_stage(run: Run, index: int, stage: Stage, first_epoch: int, resume: di
     fitted = (on_cached_features(run, stage, model) if uses_feature_cache(cfg, backbone_trains, bn_layers)
               else Fitted(model, run.images, model))
     compile_model(fitted.model, cfg.optimizer, stage.lr, len(run.classes),  # after trainable changes
-                  jit_compile=run.compute.jit_compile)
+                  jit_compile=run.compute.jit_compile, cfg_loss=cfg.loss)
     start = run.progress.restore_into(fitted.model, resume)
-    print(f"\n-- stage {index + 1} '{stage.name}': {stage.epochs} epoch(s), lr={stage.lr:g}, {stage.describe()}"
-          + (f"; continuing at epoch {start + 1}" if start > first_epoch else ""))
+    schedule = stage_schedule(cfg, stage, first_epoch, fitted.inputs.steps_per_epoch, resume)
+    print(f"\n-- stage {index + 1} '{stage.name}': {stage.epochs} epoch(s), lr={stage.lr:g}, {stage.describe()}, "
+          f"{schedules.describe(cfg.schedule)}" + (f"; continuing at epoch {start + 1}" if start > first_epoch else ""))
     history = fit_stage(fitted.model, fitted.inputs.train_from_epoch(start - first_epoch), fitted.inputs.val,
                         first_epoch=start, epochs=stage.epochs - (start - first_epoch),
-                        callbacks=stage_callbacks(cfg.trainer, index, first_epoch, run.progress),
-                        steps_per_epoch=fitted.inputs.steps_per_epoch, verbose=int(cfg.trainer.verbose))
+                        callbacks=stage_callbacks(cfg.trainer, index, first_epoch, run.progress, schedule),
+                        steps_per_epoch=fitted.inputs.steps_per_epoch, verbose=int(cfg.trainer.verbose),
+                        class_weight=run.class_weight)
+    record_schedule(run.out, index, stage, schedule)
     last_epoch = run.progress.add(history, start)
     if bn_layers:
         recalibrate(run, model, bn_layers, last_epoch - 1)
     return fitted
+
+
+def training_counts(dataset, images: Inputs, needed: bool):
+    """Training images per class: from the split's labels, or (tfds, when `needed`) one pass over them."""
+    import numpy as np
+
+    k = len(dataset.class_names)
+    if dataset.train.labels is not None:
+        return imbalance.label_counts(dataset.train.labels, k)
+    if not needed:
+        return None
+    print("   counting the training labels (one pass over the training split) for the class weights")
+    labels = [np.asarray(y) for _, y in images.train_plain]
+    return imbalance.label_counts(np.concatenate(labels), k)
+
+
+def record_class_weight(cfg, classes: list[str], counts) -> dict | None:
+    """trainer.class_weight as {class index: weight}, printed and logged as class_weight.<class> params."""
+    from finetune import tracking
+
+    weights = imbalance.class_weights(cfg.trainer.class_weight, classes, counts)
+    if weights is not None:
+        tracking.log_params({f"class_weight.{classes[c]}": round(w, 6) for c, w in weights.items()})
+        shown = ", ".join(f"{classes[c]}={w:.3g}" for c, w in list(weights.items())[:10])
+        print(f"   class weights ({cfg.trainer.class_weight}): {shown}" + (", ..." if len(weights) > 10 else ""))
+    return weights
+
+
+def stage_schedule(cfg, stage: Stage, first_epoch: int, batches_per_epoch: int, resume: dict | None):
+    """The stage's learning-rate schedule, continuing from the checkpoint's position and state on resume."""
+    plan = schedules.StagePlan(stage.lr, stage.epochs, batches_per_epoch)
+    state = (resume or {}).get("state", {}).get("schedule")
+    return schedules.ScheduleCallback(cfg.schedule, plan, first_epoch, batches_per_epoch, state=state)
+
+
+def record_schedule(out: Path, index: int, stage: Stage, schedule) -> None:
+    """The rate of every optimizer update this process ran in the stage: schedule/<stage>.csv."""
+    from finetune import tracking
+
+    path = out / "schedule" / f"stage{index + 1}_{stage.name}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("update,learning_rate\n" + "".join(f"{s},{lr:.8g}\n" for s, lr in schedule.steps))
+    tracking.log_artifact(str(path), "schedule")
 
 
 def on_cached_features(run: Run, stage: Stage, image_model) -> Fitted:
@@ -116,7 +168,8 @@ def on_cached_features(run: Run, stage: Stage, image_model) -> Fitted:
     features, labels = sets["train"]
     print(f"   training the head on cached {run.parts.spec.name} features {tuple(features.shape[1:])} "
           f"of {len(labels)} training images")
-    inputs = feature_inputs(sets, int(cfg.trainer.batch_size), int(cfg.data.seed), run.images.steps_per_epoch)
+    inputs = feature_inputs(sets, int(cfg.trainer.batch_size), int(cfg.data.seed), run.images.steps_per_epoch,
+                            sampler=choice(cfg.data.get("sampler", "none")))
     return Fitted(head_on_features(run.parts.head, features.shape[1:]), inputs, image_model)
 
 
@@ -170,23 +223,30 @@ def train_on_feature_file(cfg, output_dir: Path) -> dict:
     with keras_session(cfg) as compute:
         batch = int(cfg.trainer.batch_size)
         inputs = feature_inputs(source.sets, batch, int(cfg.trainer.seed),
-                                int(cfg.trainer.steps_per_epoch or source.steps_per_epoch(batch)))
+                                int(cfg.trainer.steps_per_epoch or source.steps_per_epoch(batch)),
+                                sampler=choice(cfg.data.get("sampler", "none")))
+        counts = imbalance.label_counts(source.sets["train"][1], len(source.class_names))
+        class_weight = record_class_weight(cfg, list(source.class_names), counts)
         head = build_feature_head(cfg, source)
         model = head_on_features(head, (source.feature_dim,), name="head")
         progress = Progress(None)
         record_setup(cfg, out, source.dataset, source.setup(compute, int(model.count_params())))
         source.record()
         stage = Stage("head_on_features", int(cfg.trainer.epochs), "all", 0, float(cfg.optimizer.lr))
-        compile_model(model, cfg.optimizer, stage.lr, len(source.class_names))
+        compile_model(model, cfg.optimizer, stage.lr, len(source.class_names), cfg_loss=cfg.loss)
+        schedule = stage_schedule(cfg, stage, 0, inputs.steps_per_epoch, None)
         print(f"\n-- head on cached features ({source.feature_dim} per image): {stage.epochs} epoch(s), "
-              f"lr={stage.lr:g}")
+              f"lr={stage.lr:g}, {schedules.describe(cfg.schedule)}")
         record_stage_params(0, stage, int(model.count_params()))
         progress.begin_stage(stage.name, 0, changes_backbone=False)
         history = fit_stage(model, inputs.train, inputs.val, first_epoch=0, epochs=stage.epochs,
-                            callbacks=stage_callbacks(cfg.trainer, 0, 0), steps_per_epoch=inputs.steps_per_epoch,
+                            callbacks=stage_callbacks(cfg.trainer, 0, 0, schedule=schedule),
+                            steps_per_epoch=inputs.steps_per_epoch, class_weight=class_weight,
                             verbose=int(cfg.trainer.verbose))
+        record_schedule(out, 0, stage, schedule)
         progress.add(history, 0)
-        metrics = evaluate_model(model, inputs, source.class_names, out, f"{source.backbone} on {source.dataset.name}")
+        metrics = evaluate_model(model, inputs, source.class_names, out, f"{source.backbone} on {source.dataset.name}",
+                                 train_counts=counts)
         image_model, backbone = source.reassemble(model)
         save_and_record(cfg, out, image_model, backbone, progress)
     return metrics

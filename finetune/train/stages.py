@@ -46,10 +46,10 @@ def expected_end_of_data():
 
 
 def fit_stage(model, train_ds, val_ds, *, first_epoch: int, epochs: int, callbacks: list,
-              steps_per_epoch: int | None, verbose: int):
+              steps_per_epoch: int | None, verbose: int, class_weight: dict | None = None):
     """Fit one stage; epochs are numbered continuously across stages. Returns the History."""
     with expected_end_of_data():
         return model.fit(train_ds, validation_data=val_ds, initial_epoch=first_epoch,
-                         epochs=first_epoch + epochs, callbacks=callbacks,
+                         epochs=first_epoch + epochs, callbacks=callbacks, class_weight=class_weight,
                          steps_per_epoch=steps_per_epoch, verbose=verbose,
                          shuffle=False)  # the pipeline shuffles; this only silences Keras

@@ -1,0 +1,190 @@
+"""The fine-tuning recipe, technique by technique: each test checks what the technique claims.
+
+Schedules (their formulas, the rate Keras trains with and logs, resume), class weights, the balanced
+sampler, label smoothing and focal loss. In-process, tiny models; the end-to-end run through the CLI is in
+tests/test_recipe_cli.py."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace as NS
+
+import numpy as np
+import pytest
+
+from finetune.config.schema import ScheduleConfig
+from finetune.errors import ConfigError
+from finetune.train import imbalance, schedules
+from finetune.train.schedules import StagePlan, rate
+
+
+def schedule_cfg(name, **kw):
+    return ScheduleConfig(name=name, **kw)
+
+
+PLAN = StagePlan(lr=0.01, epochs=5, updates_per_epoch=4)  # 20 updates
+
+
+def test_warmup_is_linear_then_each_schedule_follows_its_formula():
+    lr, T = PLAN.lr, PLAN.total
+    cos = schedule_cfg("cosine", warmup_epochs=1, min_lr_ratio=0.1)
+    assert [rate(cos, PLAN, s) for s in range(4)] == pytest.approx([lr * (s + 1) / 4 for s in range(4)])
+    for s in range(4, T):
+        p = (s - 4) / (T - 4)
+        assert rate(cos, PLAN, s) == pytest.approx(lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))))
+    step = schedule_cfg("step", every_epochs=2, gamma=0.5)
+    assert [rate(step, PLAN, s) for s in (0, 7, 8, 15, 16, 19)] == pytest.approx(
+        [lr, lr, lr / 2, lr / 2, lr / 4, lr / 4])
+    constant = schedule_cfg("constant", warmup_epochs=0.5)  # half an epoch: 2 updates
+    assert [rate(constant, PLAN, s) for s in range(4)] == pytest.approx([lr / 2, lr, lr, lr])
+    plateau = schedule_cfg("plateau", warmup_epochs=1)
+    assert rate(plateau, PLAN, 10, scale=0.25) == pytest.approx(lr * 0.25)
+    assert rate(plateau, PLAN, 1, scale=0.25) == pytest.approx(lr * 2 / 4)  # warmup first
+
+
+def test_one_cycle_rises_from_lr_over_div_factor_to_lr_then_anneals_to_its_floor():
+    cfg = schedule_cfg("one_cycle", pct_start=0.25, div_factor=25.0, min_lr_ratio=1e-3, warmup_epochs=3)
+    rates = [rate(cfg, PLAN, s) for s in range(PLAN.total)]
+    assert rates[0] == pytest.approx(PLAN.lr / 25)  # its own rise, warmup_epochs does not apply
+    assert max(rates) == pytest.approx(PLAN.lr) and int(np.argmax(rates)) == 5  # 25% of 20 updates
+    assert all(a <= b for a, b in zip(rates[:6], rates[1:6])) and all(a >= b for a, b in zip(rates[5:], rates[6:]))
+    assert rates[-1] == pytest.approx(PLAN.lr * (1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * 14 / 15))))
+
+
+def _fit(callback, epochs, initial_epoch=0, seed=0):
+    """A tiny model fitted with `callback`; returns the learning rate it holds at each epoch end."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    seen = {}
+
+    class Watch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen[epoch] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    x = np.random.default_rng(0).normal(size=(32, 3)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    model.fit(x, y, batch_size=8, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
+              callbacks=[callback, Watch()], shuffle=False)
+    return seen
+
+
+def test_the_rate_keras_trains_with_is_the_formula_and_a_resumed_stage_continues_it():
+    """4 batches an epoch; the stage started at run epoch 2 (a second stage). The rate an epoch ends with is
+    the rate of its last update, the value `learning_rate` logs; a stage resumed at its 3rd epoch
+    continues the same curve."""
+    cfg = schedule_cfg("cosine", warmup_epochs=1, min_lr_ratio=0.0)
+    plan = StagePlan(lr=0.01, epochs=4, updates_per_epoch=4)
+    whole = schedules.ScheduleCallback(cfg, plan, first_epoch=2, batches_per_epoch=4)
+    seen = _fit(whole, epochs=6, initial_epoch=2)
+    assert [s for s, _ in whole.steps] == list(range(16))
+    for epoch, value in seen.items():
+        assert value == pytest.approx(rate(cfg, plan, (epoch - 2 + 1) * 4 - 1), rel=1e-6), epoch
+    resumed = schedules.ScheduleCallback(cfg, plan, first_epoch=2, batches_per_epoch=4, state=whole.state())
+    again = _fit(resumed, epochs=6, initial_epoch=4)
+    assert again == pytest.approx({4: seen[4], 5: seen[5]})
+    assert [s for s, _ in resumed.steps] == list(range(8, 16))
+
+
+def test_updates_count_optimizer_steps_under_gradient_accumulation():
+    cfg = schedule_cfg("cosine")
+    plan = StagePlan(lr=1.0, epochs=2, updates_per_epoch=2)  # 4 batches an epoch, 2 per update
+    callback = schedules.ScheduleCallback(cfg, plan, first_epoch=0, batches_per_epoch=4, accumulate=2)
+    assert [callback.update_index(e, b) for e in (0, 1) for b in range(4)] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_plateau_reduces_after_patience_never_below_its_floor_and_its_state_resumes():
+    cfg = schedule_cfg("plateau", warmup_epochs=1, factor=0.5, patience=2, min_lr_ratio=0.2)
+    plan = StagePlan(lr=1.0, epochs=10, updates_per_epoch=4)
+    callback = schedules.ScheduleCallback(cfg, plan, first_epoch=0, batches_per_epoch=4)
+    losses = [9.0, 1.0, 1.0, 1.0, 0.5, 0.6, 0.7, 0.8, 0.9]
+    scales = []
+    for epoch, loss in enumerate(losses):
+        callback.on_epoch_end(epoch, {"val_loss": loss})
+        scales.append(callback.scale)
+    # epoch 0 is warmup (not compared); best 1.0 at 1; 2 worse epochs -> x0.5; better at 4; 2 worse -> x0.25
+    # -> floor 0.2 after 2 more
+    assert scales == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25, 0.2]
+    restored = schedules.ScheduleCallback(cfg, plan, first_epoch=0, batches_per_epoch=4, state=callback.state())
+    assert (restored.scale, restored.best, restored.wait) == (0.2, 0.5, 0)
+
+
+def test_balanced_class_weights_are_n_over_k_times_n_c():
+    counts = imbalance.label_counts([0] * 30 + [1] * 6 + [2] * 4, 3)
+    weights = imbalance.class_weights("balanced", ["a", "b", "c"], counts)
+    assert weights == pytest.approx({0: 40 / (3 * 30), 1: 40 / (3 * 6), 2: 40 / (3 * 4)})
+    assert imbalance.class_weights("none", ["a", "b", "c"], counts) is None
+    assert imbalance.class_weights({"c": 5.0}, ["a", "b", "c"], counts) == {0: 1.0, 1: 1.0, 2: 5.0}
+    with pytest.raises(ConfigError) as info:
+        imbalance.class_weights({"dog": 2.0}, ["a", "b", "c"], counts)
+    assert info.value.key == "trainer.class_weight.dog" and "a, b, c" in str(info.value)
+    assert imbalance.minority_classes(counts) == [1, 2]
+
+
+def test_label_smoothing_and_focal_take_integer_labels():
+    import keras
+
+    from finetune.train.optim import make_loss
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], "float32")
+    labels = np.array([0, 2])
+    smoothed = make_loss(NS(name="crossentropy", label_smoothing=0.3, gamma=2.0, alpha=0.25), 3)
+    target = np.eye(3)[labels] * 0.7 + 0.1  # 1 - s on the class, s / k on each
+    expected = -np.mean(np.sum(target * np.log(probs), axis=1))
+    assert float(smoothed(labels, probs)) == pytest.approx(expected, rel=1e-5)
+    focal = make_loss(NS(name="focal", label_smoothing=0.0, gamma=2.0, alpha=0.25), 3)
+    p_true = probs[[0, 1], labels]
+    assert float(focal(labels, probs)) == pytest.approx(
+        np.mean(np.sum(-0.25 * (1 - probs) ** 2 * np.eye(3)[labels] * np.log(probs), axis=1)), rel=1e-5)
+    assert float(focal(labels, probs)) < float(keras.losses.SparseCategoricalCrossentropy()(labels, probs))
+    assert p_true.min() > 0  # (the expected values above are finite)
+    plain = make_loss(NS(name="crossentropy", label_smoothing=0.0, gamma=2.0, alpha=0.25), 3)
+    assert float(plain(labels, probs)) == pytest.approx(-np.mean(np.log(p_true)), rel=1e-5)
+
+
+@pytest.mark.parametrize("form", ["arrays", "files"])
+def test_the_balanced_sampler_draws_every_class_equally(tmp_path, form):
+    """10:2:1 imbalance; 3,000 drawn training images come out ~1/3 each (in memory, and files decoded as
+    they are drawn)."""
+    from PIL import Image
+
+    from finetune.data import make_pipeline
+    from finetune.data.dataset import Dataset, Split
+
+    labels = np.array([0] * 40 + [1] * 8 + [2] * 4, np.int32)
+    images = np.random.default_rng(0).integers(0, 255, size=(len(labels), 8, 8, 3), dtype=np.uint8)
+    if form == "arrays":
+        train = Split(images=images, labels=labels, size=len(labels))
+    else:
+        paths = []
+        for i, image in enumerate(images):
+            paths.append(str(tmp_path / f"{i}.png"))
+            Image.fromarray(image).save(paths[-1])
+        train = Split(paths=paths, labels=labels, size=len(labels))
+    dataset = Dataset("imbalanced", ["a", "b", "c"], train, Split(images=images[:3], labels=labels[:3], size=3),
+                      None, None)
+    ds = make_pipeline(dataset, "train", 8, 30, training=True, seed=0, sampler="balanced",
+                       cache="memory" if form == "arrays" else "off")
+    drawn = np.concatenate([y.numpy() for _, y in ds.take(100)])
+    shares = np.bincount(drawn, minlength=3) / len(drawn)
+    assert len(drawn) == 3000 and np.all(np.abs(shares - 1 / 3) < 0.04), shares
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["schedule=cosine", "schedule.min_lr_ratio=2"], "schedule.min_lr_ratio"),
+    (["schedule.warmup_epochs=-1"], "schedule.warmup_epochs"),
+    (["schedule=plateau", "schedule.monitor=loss"], "schedule.monitor"),
+    (["schedule=one_cycle", "schedule.pct_start=1.5"], "schedule.pct_start"),
+    (["loss.label_smoothing=1"], "loss.label_smoothing"),
+    (["trainer.class_weight=often"], "trainer.class_weight"),
+    (["trainer.class_weight={a: 0}"], "trainer.class_weight.a"),
+    (["trainer.class_weight=balanced", "data.sampler=balanced"], "trainer.class_weight"),
+])
+def test_recipe_values_are_checked_before_training(overrides, key):
+    from finetune.app.checks import validate_train
+    from tests.test_config import compose
+
+    with pytest.raises(ConfigError) as info:
+        validate_train(compose(*overrides))
+    assert info.value.key == key and "\n" not in str(info.value)

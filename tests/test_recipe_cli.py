@@ -1,0 +1,67 @@
+"""The recipe through `finetune train` on an imbalanced folder (a 6:1:1 split of colours): the schedule's
+rate is what MLflow logs each epoch, the class weights and the minority classes' recall are recorded, and
+the balanced sampler and the plateau schedule run on cached features."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import artifact_paths, runs_of
+
+pytestmark = pytest.mark.slow
+
+COUNTS = {"red": 36, "green": 6, "blue": 6}
+COMMON = ["backbone=vgg16", "backbone.weights=null", "backbone.input_shape=[32,32]", "freeze=all",
+          "data=folder", "data.val_split=0.25", "trainer.batch_size=8", "trainer.epochs=3", "trainer.verbose=0"]
+
+
+@pytest.fixture(scope="module")
+def imbalanced(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imbalanced")
+    rng = np.random.default_rng(0)
+    for channel, (name, count) in enumerate(COUNTS.items()):
+        (root / name).mkdir()
+        for i in range(count):
+            image = rng.integers(0, 90, size=(32, 32, 3), dtype=np.uint8)
+            image[..., channel] = rng.integers(150, 255, size=(32, 32), dtype=np.uint8)
+            Image.fromarray(image).save(root / name / f"{i}.png")
+    return root
+
+
+def test_cosine_warmup_class_weights_and_smoothing_are_what_the_run_records(cli, mlflow_client, imbalanced):
+    result = cli("train", *COMMON, f"data.path={imbalanced}", "schedule=cosine", "schedule.warmup_epochs=1",
+                 "loss.label_smoothing=0.1", "trainer.class_weight=balanced", experiment="e2e_recipe")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs_of(mlflow_client, "e2e_recipe")
+    params, metrics = run.data.params, run.data.metrics
+    train = {name: int(n * 0.75) for name, n in COUNTS.items()}  # 27, 4, 4 (val_split 0.25 per class)
+    n, k = sum(train.values()), len(train)
+    for name, count in train.items():
+        assert float(params[f"class_weight.{name}"]) == pytest.approx(n / (k * count), rel=1e-5)
+    assert params["schedule.name"] == "cosine" and params["loss.label_smoothing"] == "0.1"
+    # 35 images / batch 8 = 5 updates an epoch, 15 in all, 5 of warmup: each epoch logs its last update's rate
+    updates, total, warm, lr = 5, 15, 5, 1e-3
+    expected = [lr * 5 / 5] + [lr * 0.5 * (1 + math.cos(math.pi * (e * updates - 1 - warm) / (total - warm)))
+                               for e in (2, 3)]
+    logged = sorted((m.step, m.value) for m in mlflow_client.get_metric_history(run.info.run_id, "learning_rate"))
+    assert [step for step, _ in logged] == [0, 1, 2]
+    assert [value for _, value in logged] == pytest.approx(expected, rel=1e-5)
+    assert "val_minority_recall" in {k.replace("final_", "") for k in metrics}
+    line = next(line for line in result.stdout.splitlines() if "minority classes:" in line)
+    assert "blue (4 training images) recall" in line and "green (4 training images) recall" in line
+    assert "red" not in line and line.endswith("on val")
+    assert "schedule/stage1_train.csv" in artifact_paths(mlflow_client, run.info.run_id)
+
+
+def test_balanced_sampler_and_plateau_on_cached_features(cli, mlflow_client, imbalanced):
+    result = cli("train", *COMMON, f"data.path={imbalanced}", "data.sampler=balanced", "schedule=plateau",
+                 "schedule.patience=1", "loss=focal", experiment="e2e_recipe_sampler")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs_of(mlflow_client, "e2e_recipe_sampler")
+    assert run.data.params["data.sampler"] == "balanced" and run.data.params["loss.name"] == "focal"
+    assert "training the head on cached" in result.stdout
+    logged = [m.value for m in mlflow_client.get_metric_history(run.info.run_id, "learning_rate")]
+    assert len(logged) == 3 and all(0 < v <= 1e-3 * (1 + 1e-6) for v in logged)
