@@ -184,13 +184,13 @@ def test_a_config_without_hydra_gets_the_schemas_defaults(tmp_path):
 
 
 def test_augmentations_are_a_registry_matching_the_schema(tmp_path):
-    """data.augment names one entry of finetune.data.augment.AUGMENTATIONS; flip mirrors images left-right."""
-    from finetune.config.schema import Augment
-    from finetune.data import AUGMENTATIONS, make_pipeline
+    """augment= names one entry of finetune.data.augment.POLICIES; flip mirrors images left-right."""
+    from finetune.config.schema import AugmentKind
+    from finetune.data import POLICIES, make_pipeline
 
-    assert sorted(AUGMENTATIONS) == sorted(a.value for a in Augment)
+    assert sorted(POLICIES) == sorted(a.value for a in AugmentKind)
     d = load_dataset(shapes_cfg(tmp_path))
-    with pytest.raises(ConfigError, match="data.augment: received 'flp'; expected one of flip, none.*'flip'"):
+    with pytest.raises(ConfigError, match="augment: received 'flp'; expected one of flip, light, none, strong.*'flip'"):
         make_pipeline(d, "train", 16, 4, training=True, seed=0, augment="flp")
     plain = {x.tobytes(): x for b in batches(make_pipeline(d, "train", 16, 32, training=False, seed=0))
              for x in b[0]}

@@ -188,3 +188,62 @@ def test_recipe_values_are_checked_before_training(overrides, key):
     with pytest.raises(ConfigError) as info:
         validate_train(compose(*overrides))
     assert info.value.key == key and "\n" not in str(info.value)
+
+
+def _policy(name, **kw):
+    from omegaconf import OmegaConf
+
+    from finetune.config.schema import AugmentConfig
+
+    return OmegaConf.structured(AugmentConfig(name=name, **kw))
+
+
+def _image_batches(policy, batches=2, size=16):
+    import tensorflow as tf
+
+    from finetune.data.augment import augment_batches
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(batches * 8, size, size, 3)).astype("float32")
+    labels = np.arange(batches * 8, dtype="int32") % 3
+    ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+    return images, labels, [(x.numpy(), y.numpy()) for x, y in augment_batches(ds, policy, seed=0, num_classes=3)]
+
+
+@pytest.mark.parametrize("name", ["light", "strong"])
+def test_light_and_strong_change_the_images_and_keep_shape_range_and_labels(name):
+    images, labels, out = _image_batches(_policy(name))
+    x = np.concatenate([b[0] for b in out])
+    assert x.shape == images.shape and x.dtype == np.float32
+    assert x.min() >= 0 and x.max() <= 255.0 + 1e-3
+    assert np.mean(np.abs(x - images)) > 5  # most images changed
+    assert np.array_equal(np.concatenate([b[1] for b in out]), labels)  # integer labels, untouched
+
+
+def test_random_resized_crop_keeps_a_part_of_the_image_at_full_size():
+    import tensorflow as tf
+
+    from finetune.data.augment import random_resized_crop
+
+    image = np.zeros((1, 40, 40, 3), "float32")
+    image[0, :, 20:] = 255.0  # right half white
+    crops = np.concatenate([random_resized_crop((0.1, 0.2), seed=s)(tf.constant(image)).numpy() for s in range(20)])
+    assert crops.shape == (20, 40, 40, 3)
+    means = crops.mean(axis=(1, 2, 3))
+    assert (means < 10).any() and (means > 245).any()  # small crops fall in one half or the other
+
+
+@pytest.mark.parametrize("mix", [{"mixup": 0.4}, {"cutmix": 1.0}, {"mixup": 0.4, "cutmix": 1.0}])
+def test_mixup_and_cutmix_make_one_hot_labels_that_sum_to_one_and_mix(mix):
+    _, labels, out = _image_batches(_policy("flip", **mix), batches=4)
+    y = np.concatenate([b[1] for b in out])
+    assert y.shape == (len(labels), 3)
+    assert np.allclose(y.sum(axis=1), 1.0, atol=1e-5) and (y >= -1e-6).all()
+    assert (y.max(axis=1) < 1 - 1e-3).any()  # some labels are mixtures
+
+
+def test_the_old_data_augment_key_names_the_new_group():
+    from finetune.app.hydra_app import precheck
+
+    message = precheck("train", ["data.augment=flip"])
+    assert message == "data.augment: moved to the augment group: augment=flip (or none, light, strong)"

@@ -53,7 +53,8 @@ def test_cosine_warmup_class_weights_and_smoothing_are_what_the_run_records(cli,
     line = next(line for line in result.stdout.splitlines() if "minority classes:" in line)
     assert "blue (4 training images) recall" in line and "green (4 training images) recall" in line
     assert "red" not in line and line.endswith("on val")
-    assert "schedule/stage1_train.csv" in artifact_paths(mlflow_client, run.info.run_id)
+    artifacts = artifact_paths(mlflow_client, run.info.run_id)
+    assert "schedule/stage1_train.csv" in artifacts and "augmentation_preview.png" in artifacts
 
 
 def test_balanced_sampler_and_plateau_on_cached_features(cli, mlflow_client, imbalanced):

@@ -123,8 +123,14 @@ def explain_composition_error(error: BaseException) -> str:
     return " ".join(lines[:2]) if lines else type(error).__name__
 
 
+# keys that moved: where they are now, said instead of "unknown key"
+MOVED_KEYS = {"data.augment": "moved to the augment group: augment=flip (or none, light, strong)"}
+
+
 def _unknown_key(cause) -> str:
     key = str(cause.key)
+    if str(cause.full_key) in MOVED_KEYS:
+        return f"{cause.full_key}: {MOVED_KEYS[str(cause.full_key)]}"
     parent, schema = getattr(cause, "parent_node", None), getattr(cause, "object_type", None)
     if isinstance(parent, DictConfig):
         options = list(parent.keys())

@@ -53,9 +53,11 @@ class CacheMode(str, Enum):
     off = "off"
 
 
-class Augment(str, Enum):
+class AugmentKind(str, Enum):
     none = "none"
     flip = "flip"
+    light = "light"
+    strong = "strong"
 
 
 class Sampler(str, Enum):
@@ -130,7 +132,6 @@ class DataCommon:
     seed: int = 0
     cache: CacheMode = CacheMode.auto
     cache_max_mb: int = 2048
-    augment: Augment = Augment.none
     # training batches: none = the data as it is; balanced = oversampled so that every class is equally
     # likely in each batch (not together with trainer.class_weight=balanced: that would correct twice)
     sampler: Sampler = Sampler.none
@@ -206,6 +207,26 @@ class OptimizerConfig:
     momentum: float = 0.9
     nesterov: bool = False
     clipnorm: Optional[float] = None
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (finetune.data.augment describes each policy)."""
+    name: AugmentKind = MISSING
+    # light, strong: random resized crop keeping this range of the image's area
+    crop_scale: List[float] = field(default_factory=lambda: [0.6, 1.0])
+    # light: rotation as a fraction of a full turn (0.03 = up to ~11 degrees), zoom fraction, colour jitter
+    # (brightness, contrast, saturation; hue a tenth of it)
+    rotation: float = 0.03
+    zoom: float = 0.1
+    color_jitter: float = 0.2
+    # strong: RandAugment's operations per image and magnitude (0..1); random erasing probability
+    randaugment_ops: int = 2
+    randaugment_magnitude: float = 0.5
+    erasing: float = 0.25
+    # with any policy: MixUp / CutMix strength (alpha); 0 = off. With both, each batch gets one of them
+    mixup: float = 0.0
+    cutmix: float = 0.0
 
 
 @dataclass
@@ -314,6 +335,7 @@ class TrainConfig:
     head: HeadConfig = MISSING
     data: Any = MISSING
     optimizer: OptimizerConfig = MISSING
+    augment: AugmentConfig = MISSING
     schedule: ScheduleConfig = MISSING
     loss: LossConfig = MISSING
     trainer: TrainerConfig = MISSING

@@ -22,7 +22,7 @@ _EXPORTS = {
     "make_pipeline": "pipeline",
     "load_image": "pipeline",
     "estimated_bytes": "pipeline",
-    "AUGMENTATIONS": "augment",
+    "POLICIES": "augment",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,6 +1,7 @@
-"""tf.data input pipelines: decode -> RGB -> resize -> (cache) -> shuffle -> augment -> batch.
+"""tf.data input pipelines: decode -> RGB -> resize -> (cache) -> shuffle (or balance) -> batch -> augment.
 
-Yields (images float32 [B, h, w, 3] in 0..255, labels int32 [B]). No backbone preprocessing:
+Yields (images float32 [B, h, w, 3] in 0..255, labels int32 [B], or one-hot float32 [B, k] when MixUp or
+CutMix is on). No backbone preprocessing:
 the model does it. Between resize and batch, images are uint8 (rounded), which makes the
 in-memory cache 4x smaller than float32 would.
 """
@@ -231,12 +232,14 @@ def _shuffle_buffer(part: Split, hw, batch_size: int, in_memory: bool) -> int:
 
 
 def make_pipeline(dataset: Dataset, split: str, image_size, batch_size: int, *, training: bool, seed: int,
-                  cache: str = "auto", cache_max_mb: int = 2048, augment: str = "none",
-                  sampler: str = "none") -> tf.data.Dataset:
+                  cache: str = "auto", cache_max_mb: int = 2048, augment=None,
+                  sampler: str = "none", one_hot: bool = False) -> tf.data.Dataset:
     """A batched tf.data pipeline for one split of `dataset`.
 
     Yields (float32 [B, h, w, 3] in 0..255, int32 [B]). Training pipelines shuffle (seeded,
-    reshuffled every epoch) and augment (finetune.data.augment); others keep a fixed order. `cache`:
+    reshuffled every epoch) and augment (finetune.data.augment: `augment` is the `augment` group's config or
+    a policy name; MixUp/CutMix make its labels one-hot); others keep a fixed order (`one_hot`: one-hot labels,
+    to match a training pipeline that mixes). `cache`:
     "memory" caches the resized split in memory, "off" never, "auto" when it needs < cache_max_mb MiB.
     `sampler` (training only): "balanced" draws every class with equal probability, endlessly (oversampling
     the small classes); "none" passes over the split as it is.
@@ -257,8 +260,10 @@ def make_pipeline(dataset: Dataset, split: str, image_size, batch_size: int, *, 
             buffer = _shuffle_buffer(part, hw, int(batch_size), in_memory)
             if buffer > 1:
                 ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    if training:
-        ds = augmentation.augment(ds, augment, seed)
     ds = ds.batch(int(batch_size))
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.int32)), num_parallel_calls=AUTOTUNE)
+    if training:
+        ds = augmentation.augment_batches(ds, augmentation.as_config(augment), seed, dataset.num_classes)
+    elif one_hot:
+        ds = ds.map(lambda x, y: (x, tf.one_hot(y, dataset.num_classes)), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)

@@ -9,13 +9,14 @@ import numpy as np
 
 from finetune import tracking
 from finetune.config.schema import choice
+from finetune.data.augment import mixes
 
 
 def uses_feature_cache(cfg, backbone_trains: bool, bn_layers) -> bool:
     """Only where training on cached features is exactly training on images: nothing in the backbone
     trains, it runs in inference mode, and no augmentation changes the inputs between epochs."""
     return (choice(cfg.trainer.feature_cache) != "off" and not backbone_trains and not bn_layers
-            and choice(cfg.data.augment) == "none")
+            and choice(cfg.augment.name) == "none" and not mixes(cfg.augment))
 
 
 def backbone_description(cfg, parts, keras_policy: str) -> dict:

@@ -47,5 +47,6 @@ def predictions(model, ds):
     y_true, y_pred = [], []
     for inputs, labels in ds:
         y_pred.append(np.argmax(model.predict_on_batch(inputs), axis=-1))
-        y_true.append(labels.numpy())
+        labels = labels.numpy()
+        y_true.append(np.argmax(labels, axis=-1) if labels.ndim > 1 else labels)  # one-hot under MixUp/CutMix
     return np.concatenate(y_true), np.concatenate(y_pred)

@@ -35,18 +35,22 @@ def image_inputs(cfg, dataset, input_shape) -> Inputs:
     """Decoded, resized (cached, augmented) images of every split of `dataset`."""
     from finetune.data import make_pipeline
 
+    from finetune.data.augment import mixes
+
     d, t = cfg.data, cfg.trainer
+    augment = cfg.get("augment")
     common = dict(image_size=tuple(input_shape[:2]), batch_size=int(t.batch_size), seed=int(d.seed),
                   cache=choice(d.cache), cache_max_mb=int(d.cache_max_mb))
+    plain = dict(common, one_hot=mixes(augment))
     has_test = dataset.test is not None and dataset.test.size
     # one iterator for the whole stage (repeat + steps_per_epoch): a new iterator every epoch
     # stalls each epoch's end until tf.data's autotuner wakes up (measured: up to 2x on short epochs)
     return Inputs(
-        train=make_pipeline(dataset, "train", training=True, augment=choice(d.augment),
+        train=make_pipeline(dataset, "train", training=True, augment=augment,
                             sampler=choice(d.get("sampler", "none")), **common).repeat(),
-        train_plain=make_pipeline(dataset, "train", training=False, **common),
-        val=make_pipeline(dataset, "val", training=False, **common),
-        test=make_pipeline(dataset, "test", training=False, **common) if has_test else None,
+        train_plain=make_pipeline(dataset, "train", training=False, **plain),
+        val=make_pipeline(dataset, "val", training=False, **plain),
+        test=make_pipeline(dataset, "test", training=False, **plain) if has_test else None,
         steps_per_epoch=steps_per_epoch(t, dataset.train.size))
 
 

@@ -41,20 +41,25 @@ class OneHotLoss(keras.losses.Loss):
         return self.inner(target, y_pred)  # the inner loss reduces per example (no reduction here)
 
 
-def _crossentropy(cfg_loss, num_classes):
+def _crossentropy(cfg_loss, num_classes, one_hot):
     smoothing = float(cfg_loss.label_smoothing)
+    if one_hot:
+        return keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
     if not smoothing:
         return keras.losses.SparseCategoricalCrossentropy()
     return OneHotLoss(keras.losses.CategoricalCrossentropy(label_smoothing=smoothing, reduction=None), num_classes)
 
 
-def _focal(cfg_loss, num_classes):
-    return OneHotLoss(keras.losses.CategoricalFocalCrossentropy(
-        alpha=float(cfg_loss.alpha), gamma=float(cfg_loss.gamma), label_smoothing=float(cfg_loss.label_smoothing),
-        reduction=None), num_classes)
+def _focal(cfg_loss, num_classes, one_hot):
+    options = dict(alpha=float(cfg_loss.alpha), gamma=float(cfg_loss.gamma),
+                   label_smoothing=float(cfg_loss.label_smoothing))
+    if one_hot:
+        return keras.losses.CategoricalFocalCrossentropy(**options)
+    return OneHotLoss(keras.losses.CategoricalFocalCrossentropy(**options, reduction=None), num_classes)
 
 
-# loss.name -> (cfg, number of classes) -> Keras loss on integer labels and softmax outputs
+# loss.name -> (cfg, number of classes, whether the labels are one-hot already) -> Keras loss on softmax
+# outputs and integer labels (one-hot ones when MixUp/CutMix mix them)
 LOSSES = {"crossentropy": _crossentropy, "focal": _focal}
 
 
@@ -74,21 +79,30 @@ def make_optimizer(cfg_opt, lr: float):
     return build(cfg_opt, lr, common_options(cfg_opt))
 
 
-def make_loss(cfg_loss, num_classes: int):
-    """The loss of `cfg_loss` (the `loss` group); None: plain cross-entropy."""
+def make_loss(cfg_loss, num_classes: int, one_hot: bool = False):
+    """The loss of `cfg_loss` (the `loss` group; None: plain cross-entropy) for integer labels, or one-hot
+    ones (`one_hot`)."""
     if cfg_loss is None:
-        return keras.losses.SparseCategoricalCrossentropy()
-    return lookup(LOSSES, "loss", choice(cfg_loss.name))(cfg_loss, num_classes)
+        return keras.losses.CategoricalCrossentropy() if one_hot else keras.losses.SparseCategoricalCrossentropy()
+    return lookup(LOSSES, "loss", choice(cfg_loss.name))(cfg_loss, num_classes, one_hot)
 
 
-def metric_objects(num_classes: int) -> list:
-    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+def metric_objects(num_classes: int, one_hot: bool = False) -> list:
+    """accuracy (and top5_accuracy beyond 5 classes), on integer or one-hot labels (the argmax class)."""
+    if one_hot:
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+        top = keras.metrics.TopKCategoricalAccuracy
+    else:
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+        top = keras.metrics.SparseTopKCategoricalAccuracy
     if num_classes > 5:
-        metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"))
+        metrics.append(top(k=5, name="top5_accuracy"))
     return metrics
 
 
-def compile_model(model, cfg_opt, lr: float, num_classes: int, jit_compile: bool = False, cfg_loss=None) -> None:
-    """(Re)compile: required after any change of `trainable` for it to take effect."""
-    model.compile(optimizer=make_optimizer(cfg_opt, lr), loss=make_loss(cfg_loss, num_classes),
-                  metrics=metric_objects(num_classes), jit_compile=jit_compile)
+def compile_model(model, cfg_opt, lr: float, num_classes: int, jit_compile: bool = False, cfg_loss=None,
+                  one_hot: bool = False) -> None:
+    """(Re)compile: required after any change of `trainable` for it to take effect. `one_hot`: the labels
+    are one-hot (MixUp/CutMix on)."""
+    model.compile(optimizer=make_optimizer(cfg_opt, lr), loss=make_loss(cfg_loss, num_classes, one_hot),
+                  metrics=metric_objects(num_classes, one_hot), jit_compile=jit_compile)

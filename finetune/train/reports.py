@@ -58,3 +58,18 @@ def plot_training_curves(history: dict[str, list[float]], stage_starts: list[tup
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_image_grid(images, titles: list[str], path, title: str, columns: int = 4) -> None:
+    """Images (float 0..255, [n, h, w, 3]) in a grid with a title each: what the model is fed."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2 * rows + 0.4), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, text in zip(axes.ravel(), images, titles):
+        ax.imshow(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
+        ax.set_title(text, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -16,6 +16,7 @@ from typing import Any
 import keras
 
 from finetune.config.schema import choice
+from finetune.data.augment import mixes
 from finetune.model import batchnorm
 from finetune.model.assemble import Parts, assemble, build_parts, input_shape_of, weights_source
 from finetune.model.freeze import apply_freeze, trained_batchnorm_layers
@@ -69,6 +70,7 @@ def train_on_images(cfg, spec, dataset, output_dir: Path, resume: dict | None = 
         run.train_counts = training_counts(dataset, images, needed=str(cfg.trainer.class_weight) == "balanced")
         run.class_weight = record_class_weight(cfg, run.classes, run.train_counts)
         record_setup(cfg, out, dataset, image_setup(run))
+        record_augmentation_preview(run)
         epoch, done, inside = run.progress.restore(resume) if resume else (0, 0, None)
         fitted = None
         for index, stage in enumerate(plan_stages(cfg)):
@@ -79,7 +81,8 @@ def train_on_images(cfg, spec, dataset, output_dir: Path, resume: dict | None = 
             run.progress.save(index + 1, epoch, epoch, {}, None)  # the next stage starts afresh
         if fitted is None:  # interrupted after the last stage: only the end is left
             model = assemble(parts)
-            compile_model(model, cfg.optimizer, float(cfg.optimizer.lr), len(run.classes), cfg_loss=cfg.loss)
+            compile_model(model, cfg.optimizer, float(cfg.optimizer.lr), len(run.classes), cfg_loss=cfg.loss,
+                          one_hot=mixes(cfg.augment))
             fitted = Fitted(model, images, model)
         metrics = evaluate_model(fitted.model, fitted.inputs, run.classes, out, f"{spec.name} on {dataset.name}",
                                  train_counts=run.train_counts)
@@ -101,7 +104,7 @@ def train_stage(run: Run, index: int, stage: Stage, first_epoch: int, resume: di
     fitted = (on_cached_features(run, stage, model) if uses_feature_cache(cfg, backbone_trains, bn_layers)
               else Fitted(model, run.images, model))
     compile_model(fitted.model, cfg.optimizer, stage.lr, len(run.classes),  # after trainable changes
-                  jit_compile=run.compute.jit_compile, cfg_loss=cfg.loss)
+                  jit_compile=run.compute.jit_compile, cfg_loss=cfg.loss, one_hot=mixes(cfg.augment))
     start = run.progress.restore_into(fitted.model, resume)
     schedule = stage_schedule(cfg, stage, first_epoch, fitted.inputs.steps_per_epoch, resume)
     print(f"\n-- stage {index + 1} '{stage.name}': {stage.epochs} epoch(s), lr={stage.lr:g}, {stage.describe()}, "
@@ -116,6 +119,39 @@ def train_stage(run: Run, index: int, stage: Stage, first_epoch: int, resume: di
     if bn_layers:
         recalibrate(run, model, bn_layers, last_epoch - 1)
     return fitted
+
+
+PREVIEW_IMAGES = 16
+
+
+def record_augmentation_preview(run: Run) -> None:
+    """augmentation_preview.png: the first 16 training images as the model sees them (augmented, mixed)."""
+    import numpy as np
+
+    from finetune import tracking
+    from finetune.config.schema import choice as name_of
+    from finetune.train import reports
+
+    images, titles = [], []
+    for x, y in run.images.train:
+        for image, label in zip(x.numpy(), y.numpy()):
+            label = np.asarray(label)
+            if label.ndim:  # one-hot, mixed: the two largest shares
+                top = np.argsort(label)[::-1][:2]
+                text = " + ".join(f"{run.classes[c]} {label[c]:.2f}" for c in top if label[c] > 0.005)
+            else:
+                text = run.classes[int(label)]
+            images.append(image)
+            titles.append(text)
+        if len(images) >= PREVIEW_IMAGES:
+            break
+    path = run.out / "augmentation_preview.png"
+    policy = run.cfg.augment
+    reports.plot_image_grid(images[:PREVIEW_IMAGES], titles[:PREVIEW_IMAGES], path,
+                            f"training images as the model sees them: augment={name_of(policy.name)}"
+                            + (f", mixup={policy.mixup:g}" if policy.mixup else "")
+                            + (f", cutmix={policy.cutmix:g}" if policy.cutmix else ""))
+    tracking.log_artifact(str(path))
 
 
 def training_counts(dataset, images: Inputs, needed: bool):
