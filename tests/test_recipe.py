@@ -247,3 +247,55 @@ def test_the_old_data_augment_key_names_the_new_group():
 
     message = precheck("train", ["data.augment=flip"])
     assert message == "data.augment: moved to the augment group: augment=flip (or none, light, strong)"
+
+
+def _tiny_fit(optimizer_options, callbacks=(), batches=4, epochs=2):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.SGD(0.1, **optimizer_options), loss="sparse_categorical_crossentropy")
+    x = np.random.default_rng(0).normal(size=(8 * batches, 3)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    model.fit(x, y, batch_size=8, epochs=epochs, verbose=0, shuffle=False, callbacks=list(callbacks))
+    return model
+
+
+def test_the_weights_after_training_with_ema_are_the_moving_average():
+    """The weights the run saves are the EMA the optimizer kept, not the last step's weights, and the
+    validation swap puts the raw weights back after each evaluation."""
+    import keras
+
+    from finetune.train.optim import common_options
+
+    class Keep(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            self.raw = [w.numpy().copy() for w in self.model.trainable_weights]
+            self.average = [v.numpy().copy() for v in self.model.optimizer._model_variables_moving_average]
+
+    keep = Keep()
+    options = common_options(NS(ema=True, ema_momentum=0.9, weight_decay=0, clipnorm=None))
+    model = _tiny_fit(options, [keep])
+    final = [w.numpy() for w in model.trainable_weights]
+    assert all(np.allclose(f, a) for f, a in zip(final, keep.average))
+    assert not all(np.allclose(f, r) for f, r in zip(final, keep.raw))
+
+
+def test_gradient_accumulation_updates_once_every_n_batches():
+    import keras
+
+    from finetune.train.optim import common_options
+
+    class Track(keras.callbacks.Callback):
+        changes = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.before = self.model.trainable_weights[0].numpy().copy()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.changes.append(not np.allclose(self.before, self.model.trainable_weights[0].numpy()))
+
+    options = common_options(NS(ema=False, weight_decay=0, clipnorm=None), accumulate=2)
+    model = _tiny_fit(options, [Track()], batches=4, epochs=1)
+    assert Track.changes == [False, True, False, True]
+    assert int(model.optimizer.iterations) == 2  # updates, what the schedule counts

@@ -1,6 +1,7 @@
 """The recipe through `finetune train` on an imbalanced folder (a 6:1:1 split of colours): the schedule's
 rate is what MLflow logs each epoch, the class weights and the minority classes' recall are recorded, and
-the balanced sampler and the plateau schedule run on cached features."""
+the balanced sampler, the plateau schedule, focal loss, EMA and gradient accumulation run on cached
+features."""
 from __future__ import annotations
 
 import math
@@ -59,10 +60,13 @@ def test_cosine_warmup_class_weights_and_smoothing_are_what_the_run_records(cli,
 
 def test_balanced_sampler_and_plateau_on_cached_features(cli, mlflow_client, imbalanced):
     result = cli("train", *COMMON, f"data.path={imbalanced}", "data.sampler=balanced", "schedule=plateau",
-                 "schedule.patience=1", "loss=focal", experiment="e2e_recipe_sampler")
+                 "schedule.patience=1", "loss=focal", "optimizer.ema=true", "trainer.accumulate_steps=2",
+                 experiment="e2e_recipe_sampler")
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs_of(mlflow_client, "e2e_recipe_sampler")
     assert run.data.params["data.sampler"] == "balanced" and run.data.params["loss.name"] == "focal"
     assert "training the head on cached" in result.stdout
+    assert "moving average" in run.data.tags["optimizer.ema_weights"]
+    assert run.data.params["trainer.accumulate_steps"] == "2"
     logged = [m.value for m in mlflow_client.get_metric_history(run.info.run_id, "learning_rate")]
     assert len(logged) == 3 and all(0 < v <= 1e-3 * (1 + 1e-6) for v in logged)

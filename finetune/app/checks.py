@@ -127,6 +127,9 @@ def check_trainer(cfg_trainer, cfg_optimizer) -> None:
             raise ConfigError(f"trainer.stages[{i}].lr_scale", stage.lr_scale, "a number > 0")
     if cfg_optimizer.lr <= 0:
         raise ConfigError("optimizer.lr", cfg_optimizer.lr, "a learning rate > 0")
+    positive_int("trainer.accumulate_steps", cfg_trainer.accumulate_steps)
+    _in_range("optimizer.ema_momentum", cfg_optimizer.ema_momentum, 0, 1, "a momentum in (0, 1), e.g. 0.99",
+              low_open=True, high_open=True)
     if cfg_trainer.steps_per_epoch is not None and cfg_trainer.steps_per_epoch < 1:
         raise ConfigError("trainer.steps_per_epoch", cfg_trainer.steps_per_epoch, "null or an integer >= 1")
 

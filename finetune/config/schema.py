@@ -207,6 +207,9 @@ class OptimizerConfig:
     momentum: float = 0.9
     nesterov: bool = False
     clipnorm: Optional[float] = None
+    # exponential moving average of the weights (Keras' use_ema): validation and the saved model use it
+    ema: bool = False
+    ema_momentum: float = 0.99
 
 
 @dataclass
@@ -291,6 +294,9 @@ class TrainerConfig:
     bn_recalibration: bool = True
     bn_recalibration_batches: int = 100
     steps_per_epoch: Optional[int] = None
+    # gradient accumulation: one optimizer update per this many batches (Keras' gradient_accumulation_steps);
+    # schedules count updates. 1 = off
+    accumulate_steps: int = 1
     # none | balanced (class c weighs n / (k * n_c)) | a mapping {class name: weight} (unlisted classes: 1)
     class_weight: Any = "none"
     verbose: int = 2

@@ -48,13 +48,17 @@ def early_stopping(cfg_es) -> list:
                                           restore_best_weights=cfg_es.restore_best_weights)]
 
 
-def stage_callbacks(cfg_trainer, stage_index: int, first_epoch: int, progress=None, schedule=None) -> list:
-    """In this order: the schedule (its epoch-end step before the checkpoint that saves its state),
-    checkpoint (when the run keeps them), MLflow metrics, early stopping."""
+def stage_callbacks(cfg_trainer, stage_index: int, first_epoch: int, progress=None, schedule=None,
+                    ema: bool = False) -> list:
+    """In this order: the schedule (its epoch-end step before the checkpoint that saves its state), the
+    EMA swap (validation runs on the moving average of the weights), checkpoint (when the run keeps
+    them), MLflow metrics, early stopping."""
     checkpoint = ([EpochCheckpoint(progress, stage_index, first_epoch, schedule)]
                   if progress and progress.checkpoints else [])
     scheduled = [schedule] if schedule is not None else []
-    return [*scheduled, *checkpoint, MlflowEpochMetrics(stage_index), *early_stopping(cfg_trainer.early_stopping)]
+    swap = [keras.callbacks.SwapEMAWeights(swap_on_epoch=False)] if ema else []
+    return [*scheduled, *swap, *checkpoint, MlflowEpochMetrics(stage_index),
+            *early_stopping(cfg_trainer.early_stopping)]
 
 
 def _is_number(value) -> bool:

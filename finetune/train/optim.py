@@ -63,10 +63,15 @@ def _focal(cfg_loss, num_classes, one_hot):
 LOSSES = {"crossentropy": _crossentropy, "focal": _focal}
 
 
-def common_options(cfg_opt) -> dict:
+def common_options(cfg_opt, accumulate: int = 1) -> dict:
     """Options every Keras optimizer takes. weight_decay is Keras' decoupled decay (for adam that makes it
-    AdamW; for sgd, SGDW): applied for every optimizer, never silently dropped."""
+    AdamW; for sgd, SGDW): applied for every optimizer, never silently dropped. ema: Keras keeps a moving
+    average of the weights and writes it into the model at the end of fit. accumulate: batches per update."""
     options = {}
+    if getattr(cfg_opt, "ema", False):
+        options.update(use_ema=True, ema_momentum=float(cfg_opt.ema_momentum))
+    if int(accumulate) > 1:
+        options["gradient_accumulation_steps"] = int(accumulate)
     if cfg_opt.weight_decay:
         options["weight_decay"] = float(cfg_opt.weight_decay)
     if cfg_opt.clipnorm:
@@ -74,9 +79,9 @@ def common_options(cfg_opt) -> dict:
     return options
 
 
-def make_optimizer(cfg_opt, lr: float):
+def make_optimizer(cfg_opt, lr: float, accumulate: int = 1):
     build = lookup(OPTIMIZERS, "optimizer", choice(cfg_opt.name))
-    return build(cfg_opt, lr, common_options(cfg_opt))
+    return build(cfg_opt, lr, common_options(cfg_opt, accumulate))
 
 
 def make_loss(cfg_loss, num_classes: int, one_hot: bool = False):
@@ -101,8 +106,8 @@ def metric_objects(num_classes: int, one_hot: bool = False) -> list:
 
 
 def compile_model(model, cfg_opt, lr: float, num_classes: int, jit_compile: bool = False, cfg_loss=None,
-                  one_hot: bool = False) -> None:
+                  one_hot: bool = False, accumulate: int = 1) -> None:
     """(Re)compile: required after any change of `trainable` for it to take effect. `one_hot`: the labels
-    are one-hot (MixUp/CutMix on)."""
-    model.compile(optimizer=make_optimizer(cfg_opt, lr), loss=make_loss(cfg_loss, num_classes, one_hot),
+    are one-hot (MixUp/CutMix on); `accumulate`: batches per optimizer update."""
+    model.compile(optimizer=make_optimizer(cfg_opt, lr, accumulate), loss=make_loss(cfg_loss, num_classes, one_hot),
                   metrics=metric_objects(num_classes, one_hot), jit_compile=jit_compile)

@@ -51,6 +51,9 @@ def record_setup(cfg, out: Path, dataset, setup: Setup) -> None:
         "compute.precision": setup.compute.precision, "compute.jit_compile": setup.compute.jit_compile,
     })
     tracking.set_tag("compute.reason", setup.compute.reason)
+    if cfg.optimizer.get("ema", False):  # which weights the validation metrics and the model are
+        tracking.set_tag("optimizer.ema_weights", f"validation metrics and the saved model use the moving average "
+                                                  f"of the weights (momentum {float(cfg.optimizer.ema_momentum):g})")
     print(f"   compute: {setup.compute.precision}, jit_compile={setup.compute.jit_compile} ({setup.compute.reason})")
     (out / "label_map.json").write_text(json.dumps({
         "class_names": classes, "backbone": setup.backbone, "input_shape": list(setup.input_shape),

@@ -104,14 +104,16 @@ def train_stage(run: Run, index: int, stage: Stage, first_epoch: int, resume: di
     fitted = (on_cached_features(run, stage, model) if uses_feature_cache(cfg, backbone_trains, bn_layers)
               else Fitted(model, run.images, model))
     compile_model(fitted.model, cfg.optimizer, stage.lr, len(run.classes),  # after trainable changes
-                  jit_compile=run.compute.jit_compile, cfg_loss=cfg.loss, one_hot=mixes(cfg.augment))
+                  jit_compile=run.compute.jit_compile, cfg_loss=cfg.loss, one_hot=mixes(cfg.augment),
+                  accumulate=int(cfg.trainer.accumulate_steps))
     start = run.progress.restore_into(fitted.model, resume)
     schedule = stage_schedule(cfg, stage, first_epoch, fitted.inputs.steps_per_epoch, resume)
     print(f"\n-- stage {index + 1} '{stage.name}': {stage.epochs} epoch(s), lr={stage.lr:g}, {stage.describe()}, "
           f"{schedules.describe(cfg.schedule)}" + (f"; continuing at epoch {start + 1}" if start > first_epoch else ""))
     history = fit_stage(fitted.model, fitted.inputs.train_from_epoch(start - first_epoch), fitted.inputs.val,
                         first_epoch=start, epochs=stage.epochs - (start - first_epoch),
-                        callbacks=stage_callbacks(cfg.trainer, index, first_epoch, run.progress, schedule),
+                        callbacks=stage_callbacks(cfg.trainer, index, first_epoch, run.progress, schedule,
+                                                  ema=bool(cfg.optimizer.ema)),
                         steps_per_epoch=fitted.inputs.steps_per_epoch, verbose=int(cfg.trainer.verbose),
                         class_weight=run.class_weight)
     record_schedule(run.out, index, stage, schedule)
@@ -182,9 +184,10 @@ def record_class_weight(cfg, classes: list[str], counts) -> dict | None:
 
 def stage_schedule(cfg, stage: Stage, first_epoch: int, batches_per_epoch: int, resume: dict | None):
     """The stage's learning-rate schedule, continuing from the checkpoint's position and state on resume."""
-    plan = schedules.StagePlan(stage.lr, stage.epochs, batches_per_epoch)
+    accumulate = int(cfg.trainer.accumulate_steps)
+    plan = schedules.StagePlan(stage.lr, stage.epochs, max(1, batches_per_epoch // accumulate))
     state = (resume or {}).get("state", {}).get("schedule")
-    return schedules.ScheduleCallback(cfg.schedule, plan, first_epoch, batches_per_epoch, state=state)
+    return schedules.ScheduleCallback(cfg.schedule, plan, first_epoch, batches_per_epoch, accumulate, state=state)
 
 
 def record_schedule(out: Path, index: int, stage: Stage, schedule) -> None:
@@ -269,14 +272,16 @@ def train_on_feature_file(cfg, output_dir: Path) -> dict:
         record_setup(cfg, out, source.dataset, source.setup(compute, int(model.count_params())))
         source.record()
         stage = Stage("head_on_features", int(cfg.trainer.epochs), "all", 0, float(cfg.optimizer.lr))
-        compile_model(model, cfg.optimizer, stage.lr, len(source.class_names), cfg_loss=cfg.loss)
+        compile_model(model, cfg.optimizer, stage.lr, len(source.class_names), cfg_loss=cfg.loss,
+                      accumulate=int(cfg.trainer.accumulate_steps))
         schedule = stage_schedule(cfg, stage, 0, inputs.steps_per_epoch, None)
         print(f"\n-- head on cached features ({source.feature_dim} per image): {stage.epochs} epoch(s), "
               f"lr={stage.lr:g}, {schedules.describe(cfg.schedule)}")
         record_stage_params(0, stage, int(model.count_params()))
         progress.begin_stage(stage.name, 0, changes_backbone=False)
         history = fit_stage(model, inputs.train, inputs.val, first_epoch=0, epochs=stage.epochs,
-                            callbacks=stage_callbacks(cfg.trainer, 0, 0, schedule=schedule),
+                            callbacks=stage_callbacks(cfg.trainer, 0, 0, schedule=schedule,
+                                                      ema=bool(cfg.optimizer.ema)),
                             steps_per_epoch=inputs.steps_per_epoch, class_weight=class_weight,
                             verbose=int(cfg.trainer.verbose))
         record_schedule(out, 0, stage, schedule)
