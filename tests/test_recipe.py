@@ -299,3 +299,35 @@ def test_gradient_accumulation_updates_once_every_n_batches():
     model = _tiny_fit(options, [Track()], batches=4, epochs=1)
     assert Track.changes == [False, True, False, True]
     assert int(model.optimizer.iterations) == 2  # updates, what the schedule counts
+
+
+@pytest.mark.parametrize("mode,views", [("none", 1), ("flip", 2), ("flip_crops", 6)])
+def test_tta_probabilities_are_the_mean_over_the_views(tmp_path, mode, views):
+    import keras
+    import tensorflow as tf
+    from PIL import Image
+
+    from finetune.commands.predict import predict_files
+    from finetune.model import tta
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Rescaling(1 / 255.0),
+                              keras.layers.Conv2D(4, 3), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(3, activation="softmax")])
+    images = np.random.default_rng(0).integers(0, 255, size=(5, 16, 16, 3)).astype("float32")
+    made = tta.VIEWS[mode](tf.constant(images))
+    assert len(made) == views
+    if views > 1:
+        assert np.array_equal(made[1].numpy(), images[:, :, ::-1])
+    if views == 6:  # corner crops of 87.5% of each side: on a left-to-right ramp, left ones span 0..87.5%
+        ramp = np.broadcast_to(np.arange(16, dtype="float32")[None, None, :, None] * 10, (1, 16, 16, 3))
+        top_left, top_right = (v.numpy()[0, 0, :, 0] for v in tta.VIEWS[mode](tf.constant(ramp))[2:4])
+        assert top_left[0] == pytest.approx(0) and top_left[-1] == pytest.approx(0.875 * 150)
+        assert top_right[0] == pytest.approx(0.125 * 150) and top_right[-1] == pytest.approx(150)
+    expected = np.mean([model.predict_on_batch(v) for v in made], axis=0)
+    assert np.allclose(tta.predict(model, tf.constant(images), mode), expected, atol=1e-6)
+    paths = []
+    for i, image in enumerate(images.astype(np.uint8)):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(paths[-1])
+    assert np.allclose(predict_files(model, paths, (16, 16), 2, tta=mode), expected, atol=1e-5)

@@ -150,7 +150,7 @@ def test_evaluate_logs_to_model_run_and_agrees_with_predict(cli, mlflow_client, 
 def test_evaluate_path_model_logs_new_run_and_falls_back_to_val(cli, mlflow_client, trained_model, shapes):
     keras_file = str(trained_model["model_dir"] / "model.keras")
     result = cli("evaluate", f"model={keras_file}", "data=folder", f"data.path={shapes['folder']}",
-                 experiment="eval_by_path")
+                 "evaluate.tta=flip", experiment="eval_by_path")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no test split; evaluating the validation split instead" in result.stdout
     (run,) = runs_of(mlflow_client, "eval_by_path")
@@ -159,6 +159,9 @@ def test_evaluate_path_model_logs_new_run_and_falls_back_to_val(cli, mlflow_clie
     # evaluate.top_k=5 (the default) on 3 classes: top-3, named for the k it used
     assert {"eval_val_accuracy", "eval_val_loss", "eval_val_size", "eval_val_top3_accuracy"} <= set(run.data.metrics)
     assert run.data.tags["eval_val_top_k"] == "3" and "eval_val_top5_accuracy" not in run.data.metrics
+    # with test-time augmentation, the metrics without it beside them
+    assert run.data.tags["eval_val_tta"] == "flip" and "eval_val_accuracy_without_tta" in run.data.metrics
+    assert "(without TTA:" in result.stdout
     paths = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "evaluation/val")}
     assert "evaluation/val/confusion_matrix.png" in paths
 

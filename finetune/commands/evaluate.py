@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.config.schema import choice
 from finetune.errors import ConfigError, DataError
 from finetune.tracking.store import metric_key
 from finetune.app.checks import positive_int
@@ -52,16 +53,22 @@ def run(cfg, output_dir: Path) -> dict:
     model_run = _model_run(cfg, bundle)  # evaluated from that run's model: add to it
     with tracking.run(cfg, command="evaluate", output_dir=output_dir, add_to_run_id=model_run,
                       run_name=f"evaluate {split}", tags=_new_run_tags(cfg, bundle)) as run:
-        probs, labels, paths = _predict_split(bundle, dataset, split, batch_size, bool(cfg.model_safe_mode))
+        tta = choice(opts.tta)
+        probs, labels, paths, plain = _predict_split(bundle, dataset, split, batch_size, bool(cfg.model_safe_mode),
+                                                     tta)
         labels = label_order[labels]  # dataset label index -> model class index
         metrics, per_class, matrix = compute_metrics(probs, labels, classes, k)
+        if plain is not None:  # the same metrics without test-time augmentation, to compare
+            without, _, _ = compute_metrics(plain, labels, classes, k)
+            metrics.update({f"{name}_without_tta": value for name, value in without.items()})
         files = _write_files(output_dir, split, dataset.name, str(cfg.model), classes, metrics, per_class,
                              matrix, probs, labels, paths)
         prefixed = {f"eval_{split}_{metric_key(name)}": value for name, value in metrics.items()}
         prefixed.update({f"eval_{split}_{metric_key(f'{m}_{c}')}": per_class[c][m]
                          for c in classes for m in ("precision", "recall", "f1")})
         run.log_metrics(prefixed)
-        run.set_tags({f"eval_{split}_dataset": dataset.name, f"eval_{split}_top_k": str(k)})
+        run.set_tags({f"eval_{split}_dataset": dataset.name, f"eval_{split}_top_k": str(k),
+                      f"eval_{split}_tta": tta})
         for path in files:
             run.log_artifact(path, f"evaluation/{split}")
     _print_summary(metrics, per_class, classes, split, k, output_dir, run.run_id, run.experiment_id, run.uri,
@@ -110,24 +117,29 @@ def _label_order(dataset, model_classes: list[str]) -> np.ndarray:
     return np.asarray([model_classes.index(c) for c in data_classes], np.int64)
 
 
-def _predict_split(bundle, dataset, split: str, batch_size: int, safe_mode: bool = True):
+def _predict_split(bundle, dataset, split: str, batch_size: int, safe_mode: bool = True, tta: str = "none"):
+    """(probabilities, labels, paths, probabilities without TTA: None when tta is none)."""
     from finetune.data import make_pipeline
+    from finetune.model import tta as test_time
 
     model = bundle.load(safe_mode=safe_mode)
     ds = make_pipeline(dataset, split, bundle.input_shape[:2], batch_size, training=False,
                        seed=0, cache="off")
-    probs, labels = [], []
+    probs, plain, labels = [], [], []
     for images, y in ds:
-        probs.append(np.asarray(model.predict_on_batch(images), dtype=np.float64))
+        probs.append(test_time.predict(model, images, tta, "evaluate.tta"))
+        if tta != "none":
+            plain.append(np.asarray(model.predict_on_batch(images), dtype=np.float64))
         labels.append(y.numpy())
     probs, labels = np.concatenate(probs), np.concatenate(labels).astype(np.int64)
+    plain = np.concatenate(plain) if plain else None
     if probs.shape[1] != len(bundle.class_names):
         raise ConfigError("model", str(bundle.model_path),
                           f"a model whose output ({probs.shape[1]} classes) matches its label_map.json "
                           f"({len(bundle.class_names)} classes)")
     part = getattr(dataset, split)
     paths = list(part.paths) if part.paths is not None else [""] * len(labels)
-    return probs, labels, paths
+    return probs, labels, paths, plain
 
 
 # -- metrics --------------------------------------------------------------------------------------
@@ -217,7 +229,8 @@ def _print_summary(metrics, per_class, classes, split, k, out, run_id, experimen
 
     print(f"\n== finetune evaluate: {split} split ==")
     for name in ("loss", "accuracy", f"top{k}_accuracy", "macro_f1"):
-        print(f"  {name:<24} {metrics[name]:.4f}")
+        without = metrics.get(f"{name}_without_tta")
+        print(f"  {name:<24} {metrics[name]:.4f}" + (f"   (without TTA: {without:.4f})" if without is not None else ""))
     print(f"  {'images':<24} {int(metrics['size'])}")
     width = max([len("class")] + [len(c) for c in classes])
     print(f"\n  {'class':<{width}}  precision  recall      f1  support")

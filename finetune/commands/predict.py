@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.config.schema import choice
 from finetune.errors import ConfigError, DataError
 from finetune.app.checks import positive_int
 
@@ -47,7 +48,8 @@ def run(cfg, output_dir: Path) -> dict:
           f"input {bundle.input_shape[0]}x{bundle.input_shape[1]})", flush=True)
 
     model = bundle.load(safe_mode=bool(cfg.model_safe_mode))
-    probs = predict_files(model, paths, bundle.input_shape[:2], batch_size)
+    tta = choice(opts.tta)
+    probs = predict_files(model, paths, bundle.input_shape[:2], batch_size, tta)
     if probs.shape[1] != len(classes):
         raise ConfigError("model", cfg.model, f"a model whose output ({probs.shape[1]} classes) matches "
                                               f"its label_map.json ({len(classes)} classes)")
@@ -67,6 +69,8 @@ def run(cfg, output_dir: Path) -> dict:
     print("\n== finetune predict: done ==")
     print(f"  images                   {len(rows)}")
     print(f"  model                    {cfg.model}" + (f" (run {bundle.run_id})" if bundle.run_id else ""))
+    if tta != "none":
+        print(f"  test-time augmentation   {tta} (probabilities averaged over its views)")
     print("  predicted classes        " + ", ".join(f"{c}: {n}" for c, n in counts.items() if n))
     print(f"  predictions              {csv_path}")
     if output is not None:
@@ -89,11 +93,13 @@ def _output_path(value) -> Path | None:
 
 
 # -- prediction -----------------------------------------------------------------------------------
-def predict_files(model, paths: list[str], image_size, batch_size: int) -> np.ndarray:
-    """Probabilities [N, classes] for image files, in order; images decoded/resized as in training."""
+def predict_files(model, paths: list[str], image_size, batch_size: int, tta: str = "none") -> np.ndarray:
+    """Probabilities [N, classes] for image files, in order; images decoded/resized as in training;
+    `tta`: averaged over the views of finetune.model.tta."""
     import tensorflow as tf
 
     from finetune.data.pipeline import decode_file
+    from finetune.model import tta as test_time
 
     hw = (int(image_size[0]), int(image_size[1]))
     ds = (tf.data.Dataset.from_tensor_slices(np.asarray(paths, dtype=object).astype(str))
@@ -108,7 +114,7 @@ def predict_files(model, paths: list[str], image_size, batch_size: int) -> np.nd
             images = next(iterator)
         except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
             raise _bad_file(paths[index * batch_size:(index + 1) * batch_size], hw, error) from None
-        out.append(np.asarray(model.predict_on_batch(images), dtype=np.float32))
+        out.append(test_time.predict(model, images, tta, "predict.tta").astype(np.float32))
         done += int(images.shape[0])
         if num_batches > PROGRESS_EVERY and ((index + 1) % PROGRESS_EVERY == 0 or index + 1 == num_batches):
             rate = done / max(time.perf_counter() - start, 1e-9)

@@ -348,6 +348,12 @@ class TrainConfig:
     tracking: TrackingConfig = MISSING
 
 
+class Tta(str, Enum):
+    none = "none"
+    flip = "flip"
+    flip_crops = "flip_crops"
+
+
 class FeatureFormat(str, Enum):
     npz = "npz"
     parquet = "parquet"
@@ -404,6 +410,8 @@ class PredictOptions:
     top_k: int = 3
     output: Optional[str] = None
     batch_size: int = 32
+    # test-time augmentation: probabilities averaged over views (none | flip | flip_crops; finetune.model.tta)
+    tta: Tta = Tta.none
 
 
 @dataclass
@@ -426,6 +434,8 @@ class EvaluateOptions:
     top_k: int = 5
     # log into the model's own run when it has one (true), else / or always a new evaluation run
     log_to_model_run: bool = True
+    # test-time augmentation (none | flip | flip_crops): the metrics with it, and without it as *_without_tta
+    tta: Tta = Tta.none
 
 
 @dataclass
