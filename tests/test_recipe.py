@@ -331,3 +331,30 @@ def test_tta_probabilities_are_the_mean_over_the_views(tmp_path, mode, views):
         paths.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(image).save(paths[-1])
     assert np.allclose(predict_files(model, paths, (16, 16), 2, tta=mode), expected, atol=1e-5)
+
+
+def test_the_range_test_rises_exponentially_suggests_a_rate_and_restores_the_model():
+    import keras
+    import tensorflow as tf
+
+    from finetune.train import lr_finder
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 4)).astype("float32")
+    y = np.argmax(x[:, :3], axis=1).astype("int32")
+    model.fit(x[:32], y[:32], epochs=1, verbose=0)  # optimizer state exists and must come back too
+    before = [w.numpy().copy() for w in model.weights]
+    optimizer_before = [v.numpy().copy() for v in model.optimizer.variables]
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(256, seed=0).batch(16).repeat()
+    result = lr_finder.range_test(model, ds, steps=60, start=1e-5, end=10.0)
+    assert result.rates[0] == pytest.approx(1e-5)
+    ratios = np.diff(np.log(result.rates))
+    assert np.allclose(ratios, np.log(1e6) / 59)  # exponential steps
+    assert len(result.rates) < 60  # stopped when the loss diverged at the high rates
+    assert 1e-4 < result.suggestion < 1.0
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, model.weights))
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(optimizer_before, model.optimizer.variables))

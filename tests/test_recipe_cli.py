@@ -70,3 +70,17 @@ def test_balanced_sampler_and_plateau_on_cached_features(cli, mlflow_client, imb
     assert run.data.params["trainer.accumulate_steps"] == "2"
     logged = [m.value for m in mlflow_client.get_metric_history(run.info.run_id, "learning_rate")]
     assert len(logged) == 3 and all(0 < v <= 1e-3 * (1 + 1e-6) for v in logged)
+
+
+def test_lr_auto_runs_the_range_test_and_trains_at_its_suggestion(cli, mlflow_client, imbalanced):
+    result = cli("train", *COMMON, f"data.path={imbalanced}", "optimizer.lr=auto", "trainer.lr_find_steps=30",
+                 "trainer.epochs=1", experiment="e2e_recipe_lr_auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs_of(mlflow_client, "e2e_recipe_lr_auto")
+    params = run.data.params
+    found = float(params["optimizer.lr_found"])
+    assert 1e-7 <= found <= 1.0 and float(params["stage1.lr"]) == pytest.approx(found, rel=1e-3)
+    assert float(params["lr_find.suggested_lr"]) == pytest.approx(found, rel=1e-3)
+    artifacts = artifact_paths(mlflow_client, run.info.run_id)
+    assert "lr_find/lr_find.png" in artifacts and "lr_find/lr_find.csv" in artifacts
+    assert "suggested learning rate" in result.stdout

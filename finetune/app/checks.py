@@ -125,8 +125,10 @@ def check_trainer(cfg_trainer, cfg_optimizer) -> None:
             raise ConfigError(f"trainer.stages[{i}].epochs", stage.epochs, "an integer >= 1")
         if stage.lr_scale <= 0:
             raise ConfigError(f"trainer.stages[{i}].lr_scale", stage.lr_scale, "a number > 0")
-    if cfg_optimizer.lr <= 0:
-        raise ConfigError("optimizer.lr", cfg_optimizer.lr, "a learning rate > 0")
+    lr = cfg_optimizer.lr
+    if str(lr) != "auto" and (isinstance(lr, bool) or not isinstance(lr, numbers.Real) or lr <= 0):
+        raise ConfigError("optimizer.lr", lr, "a learning rate > 0, or auto (the range test picks it)")
+    positive_int("trainer.lr_find_steps", cfg_trainer.lr_find_steps)
     positive_int("trainer.accumulate_steps", cfg_trainer.accumulate_steps)
     _in_range("optimizer.ema_momentum", cfg_optimizer.ema_momentum, 0, 1, "a momentum in (0, 1), e.g. 0.99",
               low_open=True, high_open=True)

@@ -202,7 +202,8 @@ DATA_SCHEMAS = {"shapes": ShapesDataConfig, "digits": DigitsDataConfig, "folder"
 @dataclass
 class OptimizerConfig:
     name: OptimizerKind = MISSING
-    lr: float = 1e-3
+    # a rate, or auto: the learning-rate range test (finetune.train.lr_finder) on the first stage picks it
+    lr: Any = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
     nesterov: bool = False
@@ -294,6 +295,8 @@ class TrainerConfig:
     bn_recalibration: bool = True
     bn_recalibration_batches: int = 100
     steps_per_epoch: Optional[int] = None
+    # optimizer.lr=auto / finetune lr_find: steps of the range test
+    lr_find_steps: int = 100
     # gradient accumulation: one optimizer update per this many batches (Keras' gradient_accumulation_steps);
     # schedules count updates. 1 = off
     accumulate_steps: int = 1

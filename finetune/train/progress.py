@@ -15,6 +15,7 @@ class Progress:
         self.history: dict[str, list[float]] = {}
         self.stage_starts: list[tuple[str, int]] = []
         self.backbone_changed = False  # once True, checkpoints hold the backbone's weights too
+        self.lr_found: float | None = None  # optimizer.lr=auto: the range test's rate, kept in checkpoints
 
     @classmethod
     def for_run(cls, cfg, parts, output_dir: Path) -> "Progress":
@@ -50,7 +51,7 @@ class Progress:
         state = {"stage": stage, "epoch": epoch, "stage_first_epoch": stage_first_epoch, "history": history,
                  "stage_starts": [list(s) for s in self.stage_starts], "backbone_changed": self.backbone_changed,
                  "run_id": mlflow.active_run().info.run_id if mlflow.active_run() else None,
-                 "config_hash": self.config_key, "schedule": schedule}
+                 "config_hash": self.config_key, "schedule": schedule, "lr_found": self.lr_found}
         weights = weight_arrays(self.parts.backbone, self.parts.head, self.backbone_changed)
         self.checkpoints.save(state, weights, optimizer_arrays(optimizer) if optimizer is not None else None)
 
@@ -69,6 +70,7 @@ class Progress:
         self.history = {k: [float(x) for x in v] for k, v in state["history"].items()}
         self.stage_starts = [(name, int(first)) for name, first in state["stage_starts"]][:state["stage"]]
         self.backbone_changed = bool(state["backbone_changed"])
+        self.lr_found = state.get("lr_found")
         assign_weights(resume["weights"], self.parts.backbone, self.parts.head)
         self.log_missing_epochs(int(state["epoch"]))
         where = self.checkpoints.folder if self.checkpoints else "the run folder"

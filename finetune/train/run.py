@@ -9,6 +9,7 @@ that `finetune extract` wrote, then reassembles the image model."""
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,15 +74,16 @@ def train_on_images(cfg, spec, dataset, output_dir: Path, resume: dict | None = 
         record_augmentation_preview(run)
         epoch, done, inside = run.progress.restore(resume) if resume else (0, 0, None)
         fitted = None
-        for index, stage in enumerate(plan_stages(cfg)):
+        for index in range(len(plan_stages(cfg))):
             if index < done:  # finished before the interruption
                 continue
+            stage = plan_stages(cfg, run.progress.lr_found)[index]  # optimizer.lr=auto: found in stage 1
             fitted = train_stage(run, index, stage, epoch, inside if index == done else None)
             epoch = run.progress.epochs_done
             run.progress.save(index + 1, epoch, epoch, {}, None)  # the next stage starts afresh
         if fitted is None:  # interrupted after the last stage: only the end is left
             model = assemble(parts)
-            compile_model(model, cfg.optimizer, float(cfg.optimizer.lr), len(run.classes), cfg_loss=cfg.loss,
+            compile_model(model, cfg.optimizer, 1e-3, len(run.classes), cfg_loss=cfg.loss,  # evaluation only
                           one_hot=mixes(cfg.augment))
             fitted = Fitted(model, images, model)
         metrics = evaluate_model(fitted.model, fitted.inputs, run.classes, out, f"{spec.name} on {dataset.name}",
@@ -97,15 +99,17 @@ def train_stage(run: Run, index: int, stage: Stage, first_epoch: int, resume: di
     plan = apply_freeze(parts.backbone, parts.blocks, stage.policy, stage.n, choice(cfg.freeze.batchnorm))
     backbone_trains = bool(parts.backbone.trainable_weights)
     model = assemble(parts, backbone_training=None if backbone_trains else False)
-    record_stage(cfg, run.out, index, stage, plan, model, parts.head, parts.spec.name)
     bn_layers = trained_batchnorm_layers(model) if cfg.trainer.bn_recalibration else []
     batchnorm.set_momentum(bn_layers, batchnorm.momentum_for(run.images.steps_per_epoch))
     run.progress.begin_stage(stage.name, first_epoch, changes_backbone=backbone_trains or bool(bn_layers))
     fitted = (on_cached_features(run, stage, model) if uses_feature_cache(cfg, backbone_trains, bn_layers)
               else Fitted(model, run.images, model))
-    compile_model(fitted.model, cfg.optimizer, stage.lr, len(run.classes),  # after trainable changes
-                  jit_compile=run.compute.jit_compile, cfg_loss=cfg.loss, one_hot=mixes(cfg.augment),
-                  accumulate=int(cfg.trainer.accumulate_steps))
+    compile_model(fitted.model, cfg.optimizer, 1e-3 if math.isnan(stage.lr) else stage.lr,  # after trainable
+                  len(run.classes), jit_compile=run.compute.jit_compile, cfg_loss=cfg.loss,  # changes
+                  one_hot=mixes(cfg.augment), accumulate=int(cfg.trainer.accumulate_steps))
+    if math.isnan(stage.lr):  # optimizer.lr=auto: the range test on this stage as configured
+        stage = find_learning_rate(cfg, run.out, run.progress, stage, fitted.model, fitted.inputs, run.class_weight)
+    record_stage(cfg, run.out, index, stage, plan, model, parts.head, parts.spec.name)
     start = run.progress.restore_into(fitted.model, resume)
     schedule = stage_schedule(cfg, stage, first_epoch, fitted.inputs.steps_per_epoch, resume)
     print(f"\n-- stage {index + 1} '{stage.name}': {stage.epochs} epoch(s), lr={stage.lr:g}, {stage.describe()}, "
@@ -134,8 +138,17 @@ def record_augmentation_preview(run: Run) -> None:
     from finetune.config.schema import choice as name_of
     from finetune.train import reports
 
+    from finetune.data import make_pipeline
+
+    # its own pipeline (same seed, same policy): iterating the run's training pipeline here would move its
+    # shuffle and augmentation draws on by an iteration, and training would no longer match a resumed run
+    # or the same run on cached features
+    cfg = run.cfg
+    pipeline = make_pipeline(run.dataset, "train", tuple(run.parts.input_shape[:2]), PREVIEW_IMAGES, training=True,
+                             seed=int(cfg.data.seed), cache="off", augment=cfg.augment,
+                             sampler=choice(cfg.data.get("sampler", "none")))
     images, titles = [], []
-    for x, y in run.images.train:
+    for x, y in pipeline.take(1):
         for image, label in zip(x.numpy(), y.numpy()):
             label = np.asarray(label)
             if label.ndim:  # one-hot, mixed: the two largest shares
@@ -145,8 +158,6 @@ def record_augmentation_preview(run: Run) -> None:
                 text = run.classes[int(label)]
             images.append(image)
             titles.append(text)
-        if len(images) >= PREVIEW_IMAGES:
-            break
     path = run.out / "augmentation_preview.png"
     policy = run.cfg.augment
     reports.plot_image_grid(images[:PREVIEW_IMAGES], titles[:PREVIEW_IMAGES], path,
@@ -180,6 +191,28 @@ def record_class_weight(cfg, classes: list[str], counts) -> dict | None:
         shown = ", ".join(f"{classes[c]}={w:.3g}" for c, w in list(weights.items())[:10])
         print(f"   class weights ({cfg.trainer.class_weight}): {shown}" + (", ..." if len(weights) > 10 else ""))
     return weights
+
+
+def find_learning_rate(cfg, out: Path, progress: Progress, stage: Stage, model, inputs: Inputs,
+                       class_weight: dict | None) -> Stage:
+    """optimizer.lr=auto: the range test (finetune.train.lr_finder) on the stage's compiled model and
+    inputs; the model and optimizer are put back, the rate is recorded (optimizer.lr_found, and the
+    checkpoint: a resumed run does not search again). Returns the stage at that rate."""
+    import dataclasses
+
+    from finetune import tracking
+    from finetune.train import lr_finder
+
+    steps = int(cfg.trainer.get("lr_find_steps", lr_finder.STEPS))
+    print(f"   optimizer.lr=auto: learning-rate range test, {steps} steps from {lr_finder.START_LR:g} to "
+          f"{lr_finder.END_LR:g} ...", flush=True)
+    result = lr_finder.range_test(model, inputs.train, steps=steps, class_weight=class_weight)
+    lr_finder.record(result, out, f"range test: stage '{stage.name}' ({stage.describe()})")
+    progress.lr_found = result.suggestion
+    tracking.log_params({"optimizer.lr_found": f"{result.suggestion:.4g}"})
+    print(f"   suggested learning rate {result.suggestion:.3g} (steepest descent of the smoothed loss over "
+          f"{len(result.rates)} steps; plot: {out / 'lr_find.png'})")
+    return dataclasses.replace(stage, lr=result.suggestion * stage.lr_scale)
 
 
 def stage_schedule(cfg, stage: Stage, first_epoch: int, batches_per_epoch: int, resume: dict | None):
@@ -271,9 +304,11 @@ def train_on_feature_file(cfg, output_dir: Path) -> dict:
         progress = Progress(None)
         record_setup(cfg, out, source.dataset, source.setup(compute, int(model.count_params())))
         source.record()
-        stage = Stage("head_on_features", int(cfg.trainer.epochs), "all", 0, float(cfg.optimizer.lr))
-        compile_model(model, cfg.optimizer, stage.lr, len(source.class_names), cfg_loss=cfg.loss,
-                      accumulate=int(cfg.trainer.accumulate_steps))
+        stage = Stage("head_on_features", int(cfg.trainer.epochs), "all", 0, plan_stages(cfg)[0].lr)
+        compile_model(model, cfg.optimizer, 1e-3 if math.isnan(stage.lr) else stage.lr, len(source.class_names),
+                      cfg_loss=cfg.loss, accumulate=int(cfg.trainer.accumulate_steps))
+        if math.isnan(stage.lr):  # optimizer.lr=auto
+            stage = find_learning_rate(cfg, out, progress, stage, model, inputs, class_weight)
         schedule = stage_schedule(cfg, stage, 0, inputs.steps_per_epoch, None)
         print(f"\n-- head on cached features ({source.feature_dim} per image): {stage.epochs} epoch(s), "
               f"lr={stage.lr:g}, {schedules.describe(cfg.schedule)}")

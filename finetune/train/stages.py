@@ -14,21 +14,25 @@ class Stage:
     epochs: int
     policy: str
     n: int
-    lr: float
+    lr: float  # nan while optimizer.lr=auto has not been resolved by the range test
+    lr_scale: float = 1.0
 
     def describe(self) -> str:
         return f"freeze={self.policy}" + (f" n={self.n}" if self.policy == "last_n" else "")
 
 
-def plan_stages(cfg) -> list[Stage]:
-    """The stages of a run: trainer.stages if given, else one stage from `freeze` and trainer.epochs."""
-    base_policy, base_n, lr = choice(cfg.freeze.name), int(cfg.freeze.n), float(cfg.optimizer.lr)
+def plan_stages(cfg, base_lr: float | None = None) -> list[Stage]:
+    """The stages of a run: trainer.stages if given, else one stage from `freeze` and trainer.epochs.
+    `base_lr`: the rate the range test found for optimizer.lr=auto (until then each stage's lr is nan)."""
+    lr = base_lr if base_lr is not None else cfg.optimizer.lr
+    lr = float("nan") if str(lr) == "auto" else float(lr)
+    base_policy, base_n = choice(cfg.freeze.name), int(cfg.freeze.n)
     if not cfg.trainer.stages:
         return [Stage("train", int(cfg.trainer.epochs), base_policy, base_n, lr)]
     return [Stage(name=s.name, epochs=int(s.epochs),
                   policy=choice(s.freeze) if s.freeze is not None else base_policy,
                   n=int(s.n) if s.n is not None else base_n,
-                  lr=lr * float(s.lr_scale))
+                  lr=lr * float(s.lr_scale), lr_scale=float(s.lr_scale))
             for s in cfg.trainer.stages]
 
 
