@@ -9,6 +9,7 @@ from finetune.errors import did_you_mean
 
 COMMANDS = {
     "train": "train a head (and optionally the last blocks of a backbone) on a dataset; record it in MLflow",
+    "lr_find": "the learning-rate range test on a train config's first stage: plot and suggested lr",
     "classify": "label images with a pretrained ImageNet classifier: top-k classes with probabilities",
     "extract": "turn a dataset or images into feature vectors (.npz/.parquet) with a backbone",
     "predict": "label images with a model that train produced",

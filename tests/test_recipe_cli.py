@@ -84,3 +84,16 @@ def test_lr_auto_runs_the_range_test_and_trains_at_its_suggestion(cli, mlflow_cl
     artifacts = artifact_paths(mlflow_client, run.info.run_id)
     assert "lr_find/lr_find.png" in artifacts and "lr_find/lr_find.csv" in artifacts
     assert "suggested learning rate" in result.stdout
+
+
+def test_lr_find_command_logs_the_plot_and_suggestion_and_trains_nothing(cli, mlflow_client, imbalanced):
+    result = cli("lr_find", *COMMON, f"data.path={imbalanced}", "trainer.lr_find_steps=20",
+                 experiment="e2e_lr_find")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs_of(mlflow_client, "e2e_lr_find")
+    assert run.data.tags["finetune.command"] == "lr_find" and run.info.status == "FINISHED"
+    suggested = float(run.data.params["lr_find.suggested_lr"])
+    assert f"suggested optimizer.lr   {suggested:.3g}" in result.stdout
+    artifacts = artifact_paths(mlflow_client, run.info.run_id)
+    assert "lr_find/lr_find.png" in artifacts and not any(a.startswith("model") for a in artifacts)
+    assert int(run.data.params["lr_find.steps"]) <= 20

@@ -302,7 +302,7 @@ def check_required(cfg) -> None:
 
 
 # command -> the checks of its composed config (commands without an entry have no cross-field rules)
-COMMAND_CHECKS = {"train": validate_train, "extract": check_extract, "classify": _check_classify,
+COMMAND_CHECKS = {"train": validate_train, "lr_find": validate_train, "extract": check_extract, "classify": _check_classify,
                   "evaluate": check_evaluate, "export": check_export}
 
 

@@ -9,6 +9,7 @@ that `finetune extract` wrote, then reassembles the image model."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,20 +97,12 @@ def train_on_images(cfg, spec, dataset, output_dir: Path, resume: dict | None = 
 def train_stage(run: Run, index: int, stage: Stage, first_epoch: int, resume: dict | None) -> Fitted:
     """Freeze, compile, fit with the stage's callbacks, then re-estimate BatchNorm statistics."""
     cfg, parts = run.cfg, run.parts
-    plan = apply_freeze(parts.backbone, parts.blocks, stage.policy, stage.n, choice(cfg.freeze.batchnorm))
-    backbone_trains = bool(parts.backbone.trainable_weights)
-    model = assemble(parts, backbone_training=None if backbone_trains else False)
-    bn_layers = trained_batchnorm_layers(model) if cfg.trainer.bn_recalibration else []
-    batchnorm.set_momentum(bn_layers, batchnorm.momentum_for(run.images.steps_per_epoch))
-    run.progress.begin_stage(stage.name, first_epoch, changes_backbone=backbone_trains or bool(bn_layers))
-    fitted = (on_cached_features(run, stage, model) if uses_feature_cache(cfg, backbone_trains, bn_layers)
-              else Fitted(model, run.images, model))
-    compile_model(fitted.model, cfg.optimizer, 1e-3 if math.isnan(stage.lr) else stage.lr,  # after trainable
-                  len(run.classes), jit_compile=run.compute.jit_compile, cfg_loss=cfg.loss,  # changes
-                  one_hot=mixes(cfg.augment), accumulate=int(cfg.trainer.accumulate_steps))
+    ready = prepare_stage(run, stage)
+    fitted, model, bn_layers = ready.fitted, ready.fitted.image_model, ready.bn_layers
+    run.progress.begin_stage(stage.name, first_epoch, changes_backbone=ready.backbone_trains or bool(bn_layers))
     if math.isnan(stage.lr):  # optimizer.lr=auto: the range test on this stage as configured
         stage = find_learning_rate(cfg, run.out, run.progress, stage, fitted.model, fitted.inputs, run.class_weight)
-    record_stage(cfg, run.out, index, stage, plan, model, parts.head, parts.spec.name)
+    record_stage(cfg, run.out, index, stage, ready.plan, model, parts.head, parts.spec.name)
     start = run.progress.restore_into(fitted.model, resume)
     schedule = stage_schedule(cfg, stage, first_epoch, fitted.inputs.steps_per_epoch, resume)
     print(f"\n-- stage {index + 1} '{stage.name}': {stage.epochs} epoch(s), lr={stage.lr:g}, {stage.describe()}, "
@@ -193,13 +186,55 @@ def record_class_weight(cfg, classes: list[str], counts) -> dict | None:
     return weights
 
 
+@dataclass
+class StageReady:
+    """A stage frozen, assembled and compiled: what fit (or the range test) runs on."""
+    plan: Any
+    fitted: Fitted
+    bn_layers: list
+    backbone_trains: bool
+
+
+def prepare_stage(run: Run, stage: Stage) -> StageReady:
+    """Freeze as the stage says, assemble, choose images or cached features, compile (after the trainable
+    changes, for them to take effect; at 1e-3 until optimizer.lr=auto has found the rate)."""
+    cfg, parts = run.cfg, run.parts
+    plan = apply_freeze(parts.backbone, parts.blocks, stage.policy, stage.n, choice(cfg.freeze.batchnorm))
+    backbone_trains = bool(parts.backbone.trainable_weights)
+    model = assemble(parts, backbone_training=None if backbone_trains else False)
+    bn_layers = trained_batchnorm_layers(model) if cfg.trainer.bn_recalibration else []
+    batchnorm.set_momentum(bn_layers, batchnorm.momentum_for(run.images.steps_per_epoch))
+    fitted = (on_cached_features(run, stage, model) if uses_feature_cache(cfg, backbone_trains, bn_layers)
+              else Fitted(model, run.images, model))
+    compile_model(fitted.model, cfg.optimizer, 1e-3 if math.isnan(stage.lr) else stage.lr, len(run.classes),
+                  jit_compile=run.compute.jit_compile, cfg_loss=cfg.loss, one_hot=mixes(cfg.augment),
+                  accumulate=int(cfg.trainer.accumulate_steps))
+    return StageReady(plan, fitted, bn_layers, backbone_trains)
+
+
+def range_test_only(cfg, spec, dataset, output_dir: Path) -> float:
+    """`finetune lr_find`: the setup of a train run, then the range test on its first stage; returns the
+    suggested optimizer.lr (the stage's rate / its lr_scale). Nothing trains for real."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with keras_session(cfg, spec) as compute:
+        images = image_inputs(cfg, dataset, input_shape_of(cfg.backbone, spec))
+        parts = build_parts(cfg.backbone, cfg.head, spec, len(dataset.class_names))
+        run = Run(cfg, out, dataset, parts, images, compute, Progress(parts))
+        run.train_counts = training_counts(dataset, images, needed=str(cfg.trainer.class_weight) == "balanced")
+        run.class_weight = record_class_weight(cfg, run.classes, run.train_counts)
+        record_setup(cfg, out, dataset, image_setup(run))
+        stage = dataclasses.replace(plan_stages(cfg)[0], lr=float("nan"))
+        ready = prepare_stage(run, stage)
+        find_learning_rate(cfg, out, run.progress, stage, ready.fitted.model, ready.fitted.inputs, run.class_weight)
+    return float(run.progress.lr_found)
+
+
 def find_learning_rate(cfg, out: Path, progress: Progress, stage: Stage, model, inputs: Inputs,
                        class_weight: dict | None) -> Stage:
     """optimizer.lr=auto: the range test (finetune.train.lr_finder) on the stage's compiled model and
     inputs; the model and optimizer are put back, the rate is recorded (optimizer.lr_found, and the
     checkpoint: a resumed run does not search again). Returns the stage at that rate."""
-    import dataclasses
-
     from finetune import tracking
     from finetune.train import lr_finder
 
@@ -208,11 +243,11 @@ def find_learning_rate(cfg, out: Path, progress: Progress, stage: Stage, model, 
           f"{lr_finder.END_LR:g} ...", flush=True)
     result = lr_finder.range_test(model, inputs.train, steps=steps, class_weight=class_weight)
     lr_finder.record(result, out, f"range test: stage '{stage.name}' ({stage.describe()})")
-    progress.lr_found = result.suggestion
-    tracking.log_params({"optimizer.lr_found": f"{result.suggestion:.4g}"})
+    progress.lr_found = result.suggestion / stage.lr_scale  # the base rate: each stage scales it
+    tracking.log_params({"optimizer.lr_found": f"{progress.lr_found:.4g}"})
     print(f"   suggested learning rate {result.suggestion:.3g} (steepest descent of the smoothed loss over "
           f"{len(result.rates)} steps; plot: {out / 'lr_find.png'})")
-    return dataclasses.replace(stage, lr=result.suggestion * stage.lr_scale)
+    return dataclasses.replace(stage, lr=result.suggestion)
 
 
 def stage_schedule(cfg, stage: Stage, first_epoch: int, batches_per_epoch: int, resume: dict | None):
