@@ -358,3 +358,16 @@ def test_the_range_test_rises_exponentially_suggests_a_rate_and_restores_the_mod
     assert 1e-4 < result.suggestion < 1.0
     assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, model.weights))
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(optimizer_before, model.optimizer.variables))
+
+
+def test_gradual_phases_unfreeze_one_weighted_block_every_e_epochs_and_share_the_schedule():
+    from finetune.train.stages import Stage, gradual_phases
+
+    stage = Stage("train", 7, "gradual", 2, 0.01)
+    phases = gradual_phases(stage, every=2, steps=[2, 3, 4])  # e.g. VGG16: top (pooling) has no weights
+    assert [(p.name, p.epochs, p.policy, p.n) for p in phases] == [
+        ("train_top0", 2, "all", 0), ("train_top1", 2, "last_n", 2), ("train_top2", 2, "last_n", 3),
+        ("train_top3", 1, "last_n", 4)]
+    assert [p.schedule_offset for p in phases] == [0, 2, 4, 6] and {p.schedule_epochs for p in phases} == {7}
+    capped = gradual_phases(stage, every=2, steps=[2])  # freeze.max_blocks=1: the last phase runs on
+    assert [(p.epochs, p.n) for p in capped] == [(2, 0), (5, 2)]

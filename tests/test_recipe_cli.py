@@ -97,3 +97,24 @@ def test_lr_find_command_logs_the_plot_and_suggestion_and_trains_nothing(cli, ml
     artifacts = artifact_paths(mlflow_client, run.info.run_id)
     assert "lr_find/lr_find.png" in artifacts and not any(a.startswith("model") for a in artifacts)
     assert int(run.data.params["lr_find.steps"]) <= 20
+
+
+def test_gradual_unfreezing_trains_one_more_block_each_epoch_on_one_schedule(cli, mlflow_client, imbalanced):
+    """VGG16's block map: stem, block1..block5, top (pooling, no weights): the head, then block5, then
+    block4 too; the cosine schedule spans the 3 epochs (warmup once)."""
+    result = cli("train", *COMMON, f"data.path={imbalanced}", "freeze=gradual", "freeze.every=1",
+                 "schedule=cosine", "trainer.bn_recalibration=false", experiment="e2e_recipe_gradual")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs_of(mlflow_client, "e2e_recipe_gradual")
+    params = run.data.params
+    assert [params[f"stage{i}.name"] for i in (1, 2, 3)] == ["train_top0", "train_top1", "train_top2"]
+    head = int(params["stage1.params_trainable"])
+    block5 = 3 * (3 * 3 * 512 * 512 + 512)
+    block4 = (3 * 3 * 256 * 512 + 512) + 2 * (3 * 3 * 512 * 512 + 512)
+    assert int(params["stage2.params_trainable"]) == head + block5
+    assert int(params["stage3.params_trainable"]) == head + block5 + block4
+    per_epoch = sorted((m.step, m.value) for m in mlflow_client.get_metric_history(run.info.run_id, "params_trainable"))
+    assert [v for _, v in per_epoch] == [head, head + block5, head + block5 + block4]
+    rates = [m.value for m in sorted(mlflow_client.get_metric_history(run.info.run_id, "learning_rate"),
+                                     key=lambda m: m.step)]
+    assert rates[0] > rates[1] > rates[2]  # one cosine over the stage, not a restart at each unfreeze

@@ -107,6 +107,10 @@ def check_freeze(cfg, spec: BackboneSpec) -> None:
     checks = [("freeze.n", choice(cfg.freeze.name), cfg.freeze.n)]
     checks += [(f"trainer.stages[{i}].n", choice(s.freeze) if s.freeze is not None else choice(cfg.freeze.name),
                 s.n if s.n is not None else cfg.freeze.n) for i, s in enumerate(cfg.trainer.stages)]
+    positive_int("freeze.every", cfg.freeze.every)
+    if cfg.freeze.max_blocks is not None and not 1 <= cfg.freeze.max_blocks <= blocks:
+        raise ConfigError("freeze.max_blocks", cfg.freeze.max_blocks,
+                          f"null (all) or 1..{blocks}, the blocks in {spec.name}'s block map")
     for key, policy, n in checks:
         if policy == "last_n" and not 1 <= n <= blocks:
             raise ConfigError(key, n, f"1..{blocks}, the number of blocks in {spec.name}'s block map "

@@ -28,6 +28,7 @@ class FreezePolicy(str, Enum):
     all = "all"
     none = "none"
     last_n = "last_n"
+    gradual = "gradual"
 
 
 class BatchNormPolicy(str, Enum):
@@ -114,6 +115,9 @@ class FreezeConfig:
     # freeze: last_n and no n of its own)
     n: int = 2
     batchnorm: BatchNormPolicy = BatchNormPolicy.frozen
+    # gradual: one more block trainable (from the top) every `every` epochs, up to max_blocks (null: all)
+    every: int = 1
+    max_blocks: Optional[int] = None
 
 
 @dataclass

@@ -64,6 +64,12 @@ def apply_freeze(backbone, blocks, policy: str, n: int, batchnorm: str = "frozen
     return plan
 
 
+def unfreeze_steps(blocks) -> list[int]:
+    """The last_n values that each make one more block with weights trainable, counting from the top of
+    the block map (what gradual unfreezing steps through)."""
+    return [k for k in range(1, len(blocks) + 1) if any(layer.weights for layer in blocks[-k][1])]
+
+
 def trained_batchnorm_layers(model) -> list:
     """BatchNorm layers that run in training mode during fit (their moving statistics change)."""
     return [layer for layer in _walk(model)

@@ -2,6 +2,8 @@
 the checkpoint, the MLflow metrics and early stopping."""
 from __future__ import annotations
 
+import math
+
 import keras
 
 from finetune import tracking
@@ -14,10 +16,15 @@ class MlflowEpochMetrics(keras.callbacks.Callback):
     def __init__(self, stage_index: int):
         super().__init__()
         self.stage_index = stage_index
+        self.trainable = 0
+
+    def on_train_begin(self, logs=None):
+        self.trainable = sum(math.prod(w.shape) for w in self.model.trainable_weights)
 
     def on_epoch_end(self, epoch, logs=None):
         metrics = {k: float(v) for k, v in (logs or {}).items() if _is_number(v)}
         metrics["stage"] = float(self.stage_index)
+        metrics["params_trainable"] = float(self.trainable)  # the freeze plan per epoch (gradual unfreezing)
         lr = getattr(self.model.optimizer, "learning_rate", None)
         if lr is not None:
             metrics["learning_rate"] = float(keras.ops.convert_to_numpy(lr))

@@ -21,7 +21,7 @@ from finetune.config.schema import choice
 from finetune.data.augment import mixes
 from finetune.model import batchnorm
 from finetune.model.assemble import Parts, assemble, build_parts, input_shape_of, weights_source
-from finetune.model.freeze import apply_freeze, trained_batchnorm_layers
+from finetune.model.freeze import apply_freeze, trained_batchnorm_layers, unfreeze_steps
 from finetune.train.cached_features import cached_features, head_on_features, uses_feature_cache
 from finetune.train.callbacks import stage_callbacks
 from finetune.train.compute import ComputeChoice, choose, device_class
@@ -75,10 +75,11 @@ def train_on_images(cfg, spec, dataset, output_dir: Path, resume: dict | None = 
         record_augmentation_preview(run)
         epoch, done, inside = run.progress.restore(resume) if resume else (0, 0, None)
         fitted = None
-        for index in range(len(plan_stages(cfg))):
+        steps = unfreeze_steps(parts.blocks)
+        for index in range(len(plan_stages(cfg, unfreeze_steps=steps))):
             if index < done:  # finished before the interruption
                 continue
-            stage = plan_stages(cfg, run.progress.lr_found)[index]  # optimizer.lr=auto: found in stage 1
+            stage = plan_stages(cfg, run.progress.lr_found, steps)[index]  # optimizer.lr=auto: found in stage 1
             fitted = train_stage(run, index, stage, epoch, inside if index == done else None)
             epoch = run.progress.epochs_done
             run.progress.save(index + 1, epoch, epoch, {}, None)  # the next stage starts afresh
@@ -224,7 +225,7 @@ def range_test_only(cfg, spec, dataset, output_dir: Path) -> float:
         run.train_counts = training_counts(dataset, images, needed=str(cfg.trainer.class_weight) == "balanced")
         run.class_weight = record_class_weight(cfg, run.classes, run.train_counts)
         record_setup(cfg, out, dataset, image_setup(run))
-        stage = dataclasses.replace(plan_stages(cfg)[0], lr=float("nan"))
+        stage = dataclasses.replace(plan_stages(cfg, unfreeze_steps=unfreeze_steps(parts.blocks))[0], lr=float("nan"))
         ready = prepare_stage(run, stage)
         find_learning_rate(cfg, out, run.progress, stage, ready.fitted.model, ready.fitted.inputs, run.class_weight)
     return float(run.progress.lr_found)
@@ -253,9 +254,11 @@ def find_learning_rate(cfg, out: Path, progress: Progress, stage: Stage, model, 
 def stage_schedule(cfg, stage: Stage, first_epoch: int, batches_per_epoch: int, resume: dict | None):
     """The stage's learning-rate schedule, continuing from the checkpoint's position and state on resume."""
     accumulate = int(cfg.trainer.accumulate_steps)
-    plan = schedules.StagePlan(stage.lr, stage.epochs, max(1, batches_per_epoch // accumulate))
+    plan = schedules.StagePlan(stage.lr, stage.schedule_epochs or stage.epochs, max(1, batches_per_epoch // accumulate))
     state = (resume or {}).get("state", {}).get("schedule")
-    return schedules.ScheduleCallback(cfg.schedule, plan, first_epoch, batches_per_epoch, accumulate, state=state)
+    # a phase of a gradual stage continues the stage's curve (warmup once, at the stage's start)
+    return schedules.ScheduleCallback(cfg.schedule, plan, first_epoch - stage.schedule_offset, batches_per_epoch,
+                                      accumulate, state=state)
 
 
 def record_schedule(out: Path, index: int, stage: Stage, schedule) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from finetune.config.schema import choice
 
@@ -16,24 +16,52 @@ class Stage:
     n: int
     lr: float  # nan while optimizer.lr=auto has not been resolved by the range test
     lr_scale: float = 1.0
+    # a phase of a gradual stage: its epochs before this phase, and the whole stage's epochs (the
+    # schedule spans the whole stage); a plain stage: 0 and None
+    schedule_offset: int = 0
+    schedule_epochs: int | None = None
 
     def describe(self) -> str:
         return f"freeze={self.policy}" + (f" n={self.n}" if self.policy == "last_n" else "")
 
 
-def plan_stages(cfg, base_lr: float | None = None) -> list[Stage]:
-    """The stages of a run: trainer.stages if given, else one stage from `freeze` and trainer.epochs.
+def gradual_phases(stage: Stage, every: int, steps: list[int]) -> list[Stage]:
+    """freeze=gradual: the head alone for `every` epochs, then one more block of the block map (counted from
+    the top) every `every` epochs; `steps`: the last_n values that each add a block with weights (a
+    weightless block, such as a pooling top, is no step of its own), capped by freeze.max_blocks. The
+    last phase takes the epochs left. Each phase is a stage of its own (recompiled: a fresh optimizer;
+    recorded) whose schedule continues the stage's."""
+    phases, done = [], 0
+    for k, n in enumerate([0, *steps]):
+        if done >= stage.epochs:
+            break
+        last = k == len(steps)
+        epochs = stage.epochs - done if last else min(every, stage.epochs - done)
+        phases.append(replace(stage, name=f"{stage.name}_top{k}", epochs=epochs, policy="last_n" if n else "all",
+                              n=n, schedule_offset=done, schedule_epochs=stage.epochs))
+        done += epochs
+    return phases
+
+
+def plan_stages(cfg, base_lr: float | None = None, unfreeze_steps: list[int] | None = None) -> list[Stage]:
+    """The stages of a run: trainer.stages if given, else one stage from `freeze` and trainer.epochs; a
+    gradual stage becomes its phases (`unfreeze_steps`: see gradual_phases; finetune.model.freeze).
     `base_lr`: the rate the range test found for optimizer.lr=auto (until then each stage's lr is nan)."""
     lr = base_lr if base_lr is not None else cfg.optimizer.lr
     lr = float("nan") if str(lr) == "auto" else float(lr)
     base_policy, base_n = choice(cfg.freeze.name), int(cfg.freeze.n)
     if not cfg.trainer.stages:
-        return [Stage("train", int(cfg.trainer.epochs), base_policy, base_n, lr)]
-    return [Stage(name=s.name, epochs=int(s.epochs),
-                  policy=choice(s.freeze) if s.freeze is not None else base_policy,
-                  n=int(s.n) if s.n is not None else base_n,
-                  lr=lr * float(s.lr_scale), lr_scale=float(s.lr_scale))
-            for s in cfg.trainer.stages]
+        stages = [Stage("train", int(cfg.trainer.epochs), base_policy, base_n, lr)]
+    else:
+        stages = [Stage(name=s.name, epochs=int(s.epochs),
+                        policy=choice(s.freeze) if s.freeze is not None else base_policy,
+                        n=int(s.n) if s.n is not None else base_n,
+                        lr=lr * float(s.lr_scale), lr_scale=float(s.lr_scale))
+                  for s in cfg.trainer.stages]
+    every, cap = int(cfg.freeze.get("every", 1)), cfg.freeze.get("max_blocks")
+    steps = list(unfreeze_steps if unfreeze_steps is not None else range(1, 1000))[:cap]
+    return [phase for stage in stages
+            for phase in (gradual_phases(stage, every, steps) if stage.policy == "gradual" else [stage])]
 
 
 resolve_stages = plan_stages  # its earlier name
