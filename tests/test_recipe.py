@@ -371,3 +371,40 @@ def test_gradual_phases_unfreeze_one_weighted_block_every_e_epochs_and_share_the
     assert [p.schedule_offset for p in phases] == [0, 2, 4, 6] and {p.schedule_epochs for p in phases} == {7}
     capped = gradual_phases(stage, every=2, steps=[2])  # freeze.max_blocks=1: the last phase runs on
     assert [(p.epochs, p.n) for p in capped] == [(2, 0), (5, 2)]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_each_blocks_update_is_scaled_by_gamma_to_the_i(optimizer):
+    """Three 'blocks' of equal layers below a head: with layer_decay 0.5 their first updates are 0.5, 0.25
+    and 0.125 of the head's own rate (SGD: lr x m x gradient; Adam's first step: lr x m x sign)."""
+    import keras
+
+    from finetune.train import layer_lr
+    from finetune.train.optim import make_optimizer
+
+    keras.utils.set_random_seed(0)
+    layers = [keras.layers.Dense(4, name=f"d{i}") for i in range(3)]
+    head = keras.layers.Dense(2, activation="softmax", name="head")
+    model = keras.Sequential([keras.Input((4,)), *layers, head])
+    blocks = [("stem", []), ("b1", [layers[0]]), ("b2", [layers[1]]), ("b3", [layers[2]]), ("top", [])]
+    multipliers = layer_lr.block_multipliers(blocks, 0.5, {})
+    assert multipliers == {"b3": 0.5, "b2": 0.25, "b1": 0.125}
+    assert layer_lr.block_multipliers(blocks, 0.5, {"b1": 2.0})["b1"] == 2.0
+    cfg = NS(name=optimizer, weight_decay=0.0, clipnorm=None, momentum=0.0, nesterov=False, ema=False)
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    y = np.arange(16) % 2
+    before = {layer.name: layer.kernel.numpy().copy() for layer in [*layers, head]}
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, model(x)))
+    grads = dict(zip([w.path for w in model.trainable_weights], tape.gradient(loss, model.trainable_weights)))
+    opt = layer_lr.with_lr_multipliers(make_optimizer(cfg, 0.01), layer_lr.variable_multipliers(blocks, multipliers))
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    model.train_on_batch(x, y)
+    for layer, m in zip([*layers, head], [0.125, 0.25, 0.5, 1.0]):
+        step = before[layer.name] - layer.kernel.numpy()
+        g = grads[layer.kernel.path].numpy()
+        # Keras Adam's first step: lr * sqrt(1 - b2) / (1 - b1) * (1 - b1) g / (sqrt(1 - b2) |g| + eps)
+        expected = 0.01 * m * (g if optimizer == "sgd" else g / (np.abs(g) + 1e-7 / np.sqrt(1 - 0.999)))
+        assert np.allclose(step, expected, rtol=2e-3, atol=1e-7), (layer.name, m)

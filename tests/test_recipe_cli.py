@@ -103,11 +103,14 @@ def test_gradual_unfreezing_trains_one_more_block_each_epoch_on_one_schedule(cli
     """VGG16's block map: stem, block1..block5, top (pooling, no weights): the head, then block5, then
     block4 too; the cosine schedule spans the 3 epochs (warmup once)."""
     result = cli("train", *COMMON, f"data.path={imbalanced}", "freeze=gradual", "freeze.every=1",
-                 "schedule=cosine", "trainer.bn_recalibration=false", experiment="e2e_recipe_gradual")
+                 "schedule=cosine", "trainer.bn_recalibration=false", "optimizer.layer_decay=0.5",
+                 "freeze.lr_mult={block1: 0.01}", experiment="e2e_recipe_gradual")
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs_of(mlflow_client, "e2e_recipe_gradual")
     params = run.data.params
     assert [params[f"stage{i}.name"] for i in (1, 2, 3)] == ["train_top0", "train_top1", "train_top2"]
+    # per-block rates: block5 (the top weighted block) x0.5, block4 x0.25, ...; block1 set outright
+    assert [float(params[f"lr_mult.block{i}"]) for i in (5, 4, 3, 2, 1)] == [0.5, 0.25, 0.125, 0.0625, 0.01]
     head = int(params["stage1.params_trainable"])
     block5 = 3 * (3 * 3 * 512 * 512 + 512)
     block4 = (3 * 3 * 256 * 512 + 512) + 2 * (3 * 3 * 512 * 512 + 512)

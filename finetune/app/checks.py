@@ -108,6 +108,19 @@ def check_freeze(cfg, spec: BackboneSpec) -> None:
     checks += [(f"trainer.stages[{i}].n", choice(s.freeze) if s.freeze is not None else choice(cfg.freeze.name),
                 s.n if s.n is not None else cfg.freeze.n) for i, s in enumerate(cfg.trainer.stages)]
     positive_int("freeze.every", cfg.freeze.every)
+    from omegaconf import DictConfig
+
+    lr_mult = cfg.freeze.lr_mult
+    if lr_mult is not None and not isinstance(lr_mult, (dict, DictConfig)):
+        raise ConfigError("freeze.lr_mult", lr_mult, "a mapping of block names to multipliers, e.g. '{block1: 0.1}'")
+    for block, value in (lr_mult or {}).items():
+        if block not in spec.blocks:
+            raise ConfigError(f"freeze.lr_mult.{block}", value, f"a block of {spec.name}'s block map: "
+                                                                f"{', '.join(spec.blocks)}")
+        _in_range(f"freeze.lr_mult.{block}", value, 0, float("inf"), "a multiplier > 0", low_open=True)
+    if cfg.optimizer.layer_decay is not None:
+        _in_range("optimizer.layer_decay", cfg.optimizer.layer_decay, 0, 1, "a factor in (0, 1], e.g. 0.7",
+                  low_open=True)
     if cfg.freeze.max_blocks is not None and not 1 <= cfg.freeze.max_blocks <= blocks:
         raise ConfigError("freeze.max_blocks", cfg.freeze.max_blocks,
                           f"null (all) or 1..{blocks}, the blocks in {spec.name}'s block map")

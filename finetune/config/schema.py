@@ -118,6 +118,10 @@ class FreezeConfig:
     # gradual: one more block trainable (from the top) every `every` epochs, up to max_blocks (null: all)
     every: int = 1
     max_blocks: Optional[int] = None
+    # per-block learning-rate multipliers {block name: m} (over optimizer.layer_decay); null: none. Typed
+    # Any, null by default, so that freeze.lr_mult='{block1: 0.1}' sets it (a dict default would take new
+    # keys only with a leading +)
+    lr_mult: Any = None
 
 
 @dataclass
@@ -212,6 +216,8 @@ class OptimizerConfig:
     momentum: float = 0.9
     nesterov: bool = False
     clipnorm: Optional[float] = None
+    # per-block rates: block i of the block map counted from the top (weighted blocks) trains at lr * layer_decay**i
+    layer_decay: Optional[float] = None
     # exponential moving average of the weights (Keras' use_ema): validation and the saved model use it
     ema: bool = False
     ema_momentum: float = 0.99

@@ -30,7 +30,7 @@ from finetune.train.inputs import Inputs, feature_inputs, image_inputs
 from finetune.train.optim import compile_model
 from finetune.train.progress import Progress
 from finetune.train.record import Setup, record_setup, record_stage, save_and_record, weights_description
-from finetune.train import imbalance, schedules
+from finetune.train import imbalance, layer_lr, schedules
 from finetune.train.stages import Stage, fit_stage, plan_stages
 
 
@@ -46,6 +46,7 @@ class Run:
     progress: Progress
     train_counts: Any = None  # training images per class (None: unknown without a pass over the data)
     class_weight: dict | None = None
+    block_lr: dict | None = None  # {block name: learning-rate multiplier} (layer decay, freeze.lr_mult)
 
     @property
     def classes(self) -> list[str]:
@@ -71,6 +72,7 @@ def train_on_images(cfg, spec, dataset, output_dir: Path, resume: dict | None = 
         run = Run(cfg, out, dataset, parts, images, compute, Progress.for_run(cfg, parts, out))
         run.train_counts = training_counts(dataset, images, needed=str(cfg.trainer.class_weight) == "balanced")
         run.class_weight = record_class_weight(cfg, run.classes, run.train_counts)
+        run.block_lr = record_block_lr(cfg, parts.blocks)
         record_setup(cfg, out, dataset, image_setup(run))
         record_augmentation_preview(run)
         epoch, done, inside = run.progress.restore(resume) if resume else (0, 0, None)
@@ -175,6 +177,17 @@ def training_counts(dataset, images: Inputs, needed: bool):
     return imbalance.label_counts(np.concatenate(labels), k)
 
 
+def record_block_lr(cfg, blocks) -> dict:
+    """optimizer.layer_decay / freeze.lr_mult as {block: multiplier}, printed and logged as lr_mult.<block>."""
+    from finetune import tracking
+
+    multipliers = layer_lr.block_multipliers(blocks, cfg.optimizer.get("layer_decay"), cfg.freeze.get("lr_mult"))
+    if multipliers:
+        tracking.log_params({f"lr_mult.{name}": round(m, 6) for name, m in multipliers.items()})
+        print("   per-block learning rates (x lr): " + ", ".join(f"{n}={m:.3g}" for n, m in multipliers.items()))
+    return multipliers
+
+
 def record_class_weight(cfg, classes: list[str], counts) -> dict | None:
     """trainer.class_weight as {class index: weight}, printed and logged as class_weight.<class> params."""
     from finetune import tracking
@@ -210,6 +223,8 @@ def prepare_stage(run: Run, stage: Stage) -> StageReady:
     compile_model(fitted.model, cfg.optimizer, 1e-3 if math.isnan(stage.lr) else stage.lr, len(run.classes),
                   jit_compile=run.compute.jit_compile, cfg_loss=cfg.loss, one_hot=mixes(cfg.augment),
                   accumulate=int(cfg.trainer.accumulate_steps))
+    if backbone_trains and run.block_lr:  # per-block rates (finetune.train.layer_lr)
+        layer_lr.with_lr_multipliers(fitted.model.optimizer, layer_lr.variable_multipliers(parts.blocks, run.block_lr))
     return StageReady(plan, fitted, bn_layers, backbone_trains)
 
 
@@ -224,6 +239,7 @@ def range_test_only(cfg, spec, dataset, output_dir: Path) -> float:
         run = Run(cfg, out, dataset, parts, images, compute, Progress(parts))
         run.train_counts = training_counts(dataset, images, needed=str(cfg.trainer.class_weight) == "balanced")
         run.class_weight = record_class_weight(cfg, run.classes, run.train_counts)
+        run.block_lr = record_block_lr(cfg, parts.blocks)
         record_setup(cfg, out, dataset, image_setup(run))
         stage = dataclasses.replace(plan_stages(cfg, unfreeze_steps=unfreeze_steps(parts.blocks))[0], lr=float("nan"))
         ready = prepare_stage(run, stage)
