@@ -180,6 +180,9 @@ def test_the_balanced_sampler_draws_every_class_equally(tmp_path, form):
     (["trainer.class_weight=often"], "trainer.class_weight"),
     (["trainer.class_weight={a: 0}"], "trainer.class_weight.a"),
     (["trainer.class_weight=balanced", "data.sampler=balanced"], "trainer.class_weight"),
+    (["augment=flip", "augment.mixup=0.2", "trainer.feature_cache_views=2"], "trainer.feature_cache_views"),
+    (["freeze=gradual", "freeze.max_blocks=0"], "freeze.max_blocks"),
+    (["optimizer.lr=fast"], "optimizer.lr"),
 ])
 def test_recipe_values_are_checked_before_training(overrides, key):
     from finetune.app.checks import validate_train
@@ -408,3 +411,21 @@ def test_each_blocks_update_is_scaled_by_gamma_to_the_i(optimizer):
         # Keras Adam's first step: lr * sqrt(1 - b2) / (1 - b1) * (1 - b1) g / (sqrt(1 - b2) |g| + eps)
         expected = 0.01 * m * (g if optimizer == "sgd" else g / (np.abs(g) + 1e-7 / np.sqrt(1 - 0.999)))
         assert np.allclose(step, expected, rtol=2e-3, atol=1e-7), (layer.name, m)
+
+
+def test_feature_views_draw_one_cached_view_per_image_each_epoch():
+    """K = 3 views of 4 images (view v of image i holds 10 i + v): every drawn vector is one of its own
+    image's views, and over epochs every view gets drawn."""
+    from finetune.train.inputs import feature_inputs
+
+    views = np.array([[[10.0 * i + v] for i in range(4)] for v in range(3)], "float32")  # [3, 4, 1]
+    labels = np.arange(4, dtype="int32")
+    inputs = feature_inputs({"train": (views, labels), "val": (views[0], labels)}, 4, seed=0, steps=1, views=3)
+    seen = set()
+    for x, y in inputs.train.take(30):
+        for value, label in zip(x.numpy()[:, 0], y.numpy()):
+            assert int(value) // 10 == label  # its own image
+            seen.add(int(value))
+    assert seen == {10 * i + v for i in range(4) for v in range(3)}
+    plain = next(iter(inputs.train_plain))[0].numpy()[:, 0]
+    assert list(plain) == [0, 10, 20, 30]  # view 0 stands for the split where it is read plainly

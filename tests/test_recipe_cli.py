@@ -59,13 +59,16 @@ def test_cosine_warmup_class_weights_and_smoothing_are_what_the_run_records(cli,
 
 
 def test_balanced_sampler_and_plateau_on_cached_features(cli, mlflow_client, imbalanced):
+    """With augment=light and 2 cached views: the head trains on cached features of augmented images."""
     result = cli("train", *COMMON, f"data.path={imbalanced}", "data.sampler=balanced", "schedule=plateau",
+                 "augment=light", "trainer.feature_cache_views=2",
                  "schedule.patience=1", "loss=focal", "optimizer.ema=true", "trainer.accumulate_steps=2",
                  experiment="e2e_recipe_sampler")
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs_of(mlflow_client, "e2e_recipe_sampler")
     assert run.data.params["data.sampler"] == "balanced" and run.data.params["loss.name"] == "focal"
-    assert "training the head on cached" in result.stdout
+    assert "training the head on cached" in result.stdout and "(2 augmented views each" in result.stdout
+    assert run.data.tags["feature_cache.train_view1"] in ("miss", "hit")
     assert "moving average" in run.data.tags["optimizer.ema_weights"]
     assert run.data.params["trainer.accumulate_steps"] == "2"
     logged = [m.value for m in mlflow_client.get_metric_history(run.info.run_id, "learning_rate")]

@@ -38,6 +38,7 @@ def validate_train(cfg) -> BackboneSpec:
     check_schedule(cfg.schedule)
     check_loss(cfg.loss)
     check_class_weight(cfg.trainer.class_weight, cfg_get(cfg.data, "sampler", "none"))
+    check_feature_views(cfg)
     check_data(cfg.data)
     return spec
 
@@ -184,6 +185,15 @@ def check_loss(cfg_loss) -> None:
               high_open=True)
     _in_range("loss.gamma", cfg_loss.gamma, 0, float("inf"), "a number >= 0, e.g. 2")
     _in_range("loss.alpha", cfg_loss.alpha, 0, 1, "a weight in (0, 1], e.g. 0.25", low_open=True)
+
+
+def check_feature_views(cfg) -> None:
+    views = cfg.trainer.feature_cache_views
+    if isinstance(views, bool) or not isinstance(views, int) or views < 0:
+        raise ConfigError("trainer.feature_cache_views", views, "an integer >= 0 (0: augment every epoch)")
+    if views and (cfg.augment.mixup or cfg.augment.cutmix):
+        raise ConfigError("trainer.feature_cache_views", views, "0 with augment.mixup/cutmix: mixing cached "
+                          "features is not mixing images (MixUp/CutMix need the images every epoch)")
 
 
 def check_class_weight(value, sampler) -> None:

@@ -323,6 +323,9 @@ class TrainerConfig:
     # auto = use/extend the cache, refresh = recompute, off = run images through the backbone each epoch
     feature_cache: FeatureCacheMode = FeatureCacheMode.auto
     feature_cache_max_gb: float = 10.0  # least recently used entries go beyond this
+    # with augmentation and a frozen backbone: cache K augmented views of each training image and draw one
+    # per epoch (K backbone passes instead of one per epoch); 0 = augment afresh every epoch, no cache
+    feature_cache_views: int = 0
     # auto: what finetune.train.compute measured fastest for this device class and backbone family
     precision: Precision = Precision.auto
     jit_compile: str = "auto"  # auto | true | false (XLA)

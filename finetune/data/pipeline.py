@@ -233,13 +233,14 @@ def _shuffle_buffer(part: Split, hw, batch_size: int, in_memory: bool) -> int:
 
 def make_pipeline(dataset: Dataset, split: str, image_size, batch_size: int, *, training: bool, seed: int,
                   cache: str = "auto", cache_max_mb: int = 2048, augment=None,
-                  sampler: str = "none", one_hot: bool = False) -> tf.data.Dataset:
+                  sampler: str = "none", one_hot: bool = False, shuffle: bool = True) -> tf.data.Dataset:
     """A batched tf.data pipeline for one split of `dataset`.
 
     Yields (float32 [B, h, w, 3] in 0..255, int32 [B]). Training pipelines shuffle (seeded,
     reshuffled every epoch) and augment (finetune.data.augment: `augment` is the `augment` group's config or
     a policy name; MixUp/CutMix make its labels one-hot); others keep a fixed order (`one_hot`: one-hot labels,
-    to match a training pipeline that mixes). `cache`:
+    to match a training pipeline that mixes; `shuffle=False`: a training pipeline in the split's order, for
+    augmented views aligned with the images). `cache`:
     "memory" caches the resized split in memory, "off" never, "auto" when it needs < cache_max_mb MiB.
     `sampler` (training only): "balanced" draws every class with equal probability, endlessly (oversampling
     the small classes); "none" passes over the split as it is.
@@ -251,12 +252,12 @@ def make_pipeline(dataset: Dataset, split: str, image_size, batch_size: int, *, 
     if balanced and part.paths is not None and not in_memory:
         ds = _balanced_files(part, hw, seed)
     else:
-        ds = _elements(dataset, key, part, hw, training and not balanced, seed, in_memory)
+        ds = _elements(dataset, key, part, hw, training and shuffle and not balanced, seed, in_memory)
         if in_memory:
             ds = ds.cache()
         if balanced:
             ds = _balanced_elements(part, ds, seed, _shuffle_buffer(part, hw, int(batch_size), True))
-        elif training:
+        elif training and shuffle:
             buffer = _shuffle_buffer(part, hw, int(batch_size), in_memory)
             if buffer > 1:
                 ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)

@@ -12,11 +12,19 @@ from finetune.config.schema import choice
 from finetune.data.augment import mixes
 
 
+def augmented_views(cfg) -> int:
+    """trainer.feature_cache_views when an augmentation is on (K augmented views of each training image
+    are cached, one drawn per epoch), else 0."""
+    return int(cfg.trainer.get("feature_cache_views", 0)) if choice(cfg.augment.name) != "none" else 0
+
+
 def uses_feature_cache(cfg, backbone_trains: bool, bn_layers) -> bool:
-    """Only where training on cached features is exactly training on images: nothing in the backbone
-    trains, it runs in inference mode, and no augmentation changes the inputs between epochs."""
+    """Where training on cached features is training on images: nothing in the backbone trains, it runs in
+    inference mode, and either no augmentation changes the inputs between epochs, or the user chose K
+    cached augmented views (trainer.feature_cache_views) over a fresh augmentation every epoch. MixUp and
+    CutMix are never cached: mixing features is not mixing images (the config check refuses it)."""
     return (choice(cfg.trainer.feature_cache) != "off" and not backbone_trains and not bn_layers
-            and choice(cfg.augment.name) == "none" and not mixes(cfg.augment))
+            and not mixes(cfg.augment) and (choice(cfg.augment.name) == "none" or augmented_views(cfg) > 0))
 
 
 def backbone_description(cfg, parts, keras_policy: str) -> dict:
@@ -38,10 +46,25 @@ def cached_features(cfg, parts, dataset, images, keras_policy: str) -> dict:
     refresh = choice(cfg.trainer.feature_cache) == "refresh"
     backbone = backbone_description(cfg, parts, keras_policy)
     extractor, sets, status = None, {}, {}
-    for split, ds in {"train": images.train_plain, "val": images.val, "test": images.test}.items():
+    splits = {"train": images.train_plain, "val": images.val, "test": images.test}
+    views = augmented_views(cfg)
+    if views:  # K augmented views of the training split instead of the plain one
+        from omegaconf import OmegaConf
+
+        from finetune.data import make_pipeline
+
+        policy = OmegaConf.to_container(cfg.augment, resolve=True, enum_to_str=True)
+        del splits["train"]
+        splits.update({f"train_view{v}": (make_pipeline(
+            dataset, "train", tuple(parts.input_shape[:2]), int(cfg.trainer.batch_size), training=True, shuffle=False,
+            seed=int(cfg.data.seed) + v, cache="off", augment=cfg.augment), {"augment": policy, "view": v,
+                                                                           "seed": int(cfg.data.seed) + v})
+                       for v in range(views)})
+    for split, ds in splits.items():
         if ds is None:
             continue
-        description = {"backbone": backbone, "data": split_fingerprint(dataset, split)}
+        ds, extra = ds if isinstance(ds, tuple) else (ds, {})
+        description = {"backbone": backbone, "data": split_fingerprint(dataset, split.split("_view")[0]), **extra}
         key = cache_key(description)
         found = None if refresh else cache.load(key)
         if found is None:
@@ -61,6 +84,9 @@ def cached_features(cfg, parts, dataset, images, keras_policy: str) -> dict:
         tracking.set_tag(f"feature_cache.{split}", status[split])
     tracking.set_tag("feature_cache", ",".join(sorted(set(status.values()))))
     tracking.set_tag("feature_cache_dir", str(cache.root))
+    if views:  # [K, N, ...] features; the views follow the split's order, so their labels agree
+        stacked = [sets.pop(f"train_view{v}") for v in range(views)]
+        sets["train"] = (np.stack([features for features, _ in stacked]), stacked[0][1])
     return sets
 
 

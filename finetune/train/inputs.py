@@ -54,9 +54,12 @@ def image_inputs(cfg, dataset, input_shape) -> Inputs:
         steps_per_epoch=steps_per_epoch(t, dataset.train.size))
 
 
-def feature_inputs(sets: dict, batch_size: int, seed: int, steps: int, sampler: str = "none") -> Inputs:
+def feature_inputs(sets: dict, batch_size: int, seed: int, steps: int, sampler: str = "none",
+                   views: int = 0) -> Inputs:
     """Pipelines over in-memory (features, labels) arrays per split ("train", "val", optional "test");
-    `sampler`: as data.sampler (balanced: every class equally likely in each training batch)."""
+    `sampler`: as data.sampler (balanced: every class equally likely in each training batch); `views` > 0:
+    the training features are [views, N, ...] (augmented views) and each element draws one view, afresh
+    every epoch."""
     import numpy as np
     import tensorflow as tf
 
@@ -66,16 +69,25 @@ def feature_inputs(sets: dict, batch_size: int, seed: int, steps: int, sampler: 
         return tf.data.Dataset.from_tensor_slices(sets[split]).batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
     features, labels = sets["train"]
+    if views:
+        plain = (features[0], labels)
+        features = np.moveaxis(features, 0, 1)  # [N, views, ...]: an element carries all its views
+    else:
+        plain = (features, labels)
     if sampler == "balanced":
         labels_np = np.asarray(labels)
         streams = [tf.data.Dataset.from_tensor_slices((features[labels_np == c], labels_np[labels_np == c]))
                    .shuffle(int((labels_np == c).sum()), seed=seed + int(c), reshuffle_each_iteration=True).repeat()
                    for c in np.unique(labels_np)]
-        train = (tf.data.Dataset.sample_from_datasets(streams, seed=seed, rerandomize_each_iteration=True)
-                 .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+        train = tf.data.Dataset.sample_from_datasets(streams, seed=seed, rerandomize_each_iteration=True)
     else:
         train = (tf.data.Dataset.from_tensor_slices((features, labels))
-                 .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-                 .batch(batch_size).repeat().prefetch(tf.data.AUTOTUNE))
+                 .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).repeat())
+    if views:
+        draws = tf.data.Dataset.random(seed=seed + 7, rerandomize_each_iteration=True)
+        train = tf.data.Dataset.zip((train, draws)).map(lambda xy, r: (tf.gather(xy[0], r % views), xy[1]),
+                                                        num_parallel_calls=tf.data.AUTOTUNE)
+    train = train.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    sets = {**sets, "train": plain}
     return Inputs(train=train, train_plain=batches("train"), val=batches("val"), test=batches("test"),
                   steps_per_epoch=steps)

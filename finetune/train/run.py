@@ -22,7 +22,7 @@ from finetune.data.augment import mixes
 from finetune.model import batchnorm
 from finetune.model.assemble import Parts, assemble, build_parts, input_shape_of, weights_source
 from finetune.model.freeze import apply_freeze, trained_batchnorm_layers, unfreeze_steps
-from finetune.train.cached_features import cached_features, head_on_features, uses_feature_cache
+from finetune.train.cached_features import augmented_views, cached_features, head_on_features, uses_feature_cache
 from finetune.train.callbacks import stage_callbacks
 from finetune.train.compute import ComputeChoice, choose, device_class
 from finetune.train.evaluate import evaluate_model
@@ -292,11 +292,13 @@ def on_cached_features(run: Run, stage: Stage, image_model) -> Fitted:
     cfg = run.cfg
     sets = cached_features(cfg, run.parts, run.dataset, run.images, run.compute.keras_policy)
     features, labels = sets["train"]
-    print(f"   training the head on cached {run.parts.spec.name} features {tuple(features.shape[1:])} "
-          f"of {len(labels)} training images")
+    views = augmented_views(cfg)
+    shape = tuple(features.shape[2:] if views else features.shape[1:])
+    print(f"   training the head on cached {run.parts.spec.name} features {shape} of {len(labels)} training images"
+          + (f" ({views} augmented views each, one drawn per epoch)" if views else ""))
     inputs = feature_inputs(sets, int(cfg.trainer.batch_size), int(cfg.data.seed), run.images.steps_per_epoch,
-                            sampler=choice(cfg.data.get("sampler", "none")))
-    return Fitted(head_on_features(run.parts.head, features.shape[1:]), inputs, image_model)
+                            sampler=choice(cfg.data.get("sampler", "none")), views=augmented_views(cfg))
+    return Fitted(head_on_features(run.parts.head, shape), inputs, image_model)
 
 
 def recalibrate(run: Run, model, bn_layers, step: int) -> None:
