@@ -156,7 +156,8 @@ def _schema_of(path):
     group = rel.parts[0] if len(rel.parts) > 1 else None
     commands = {"train": schema.TrainConfig, "classify": schema.ClassifyConfig, "extract": schema.ExtractConfig,
                 "predict": schema.PredictConfig, "evaluate": schema.EvaluateConfig, "export": schema.ExportConfig,
-                "compare": schema.CompareConfig, "cache": schema.CacheConfig}
+                "compare": schema.CompareConfig, "cache": schema.CacheConfig,
+                "lr_find": schema.TrainConfig}  # lr_find composes train's config
     if group is None:
         return commands[rel.stem], {"defaults", "hydra"}  # hydra: Hydra's own settings, not our schema
     if group == "data":
