@@ -82,12 +82,15 @@ def feature_inputs(sets: dict, batch_size: int, seed: int, steps: int, sampler: 
         train = tf.data.Dataset.sample_from_datasets(streams, seed=seed, rerandomize_each_iteration=True)
     else:
         train = (tf.data.Dataset.from_tensor_slices((features, labels))
-                 .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).repeat())
+                 .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True))
     if views:
         draws = tf.data.Dataset.random(seed=seed + 7, rerandomize_each_iteration=True)
         train = tf.data.Dataset.zip((train, draws)).map(lambda xy, r: (tf.gather(xy[0], r % views), xy[1]),
                                                         num_parallel_calls=tf.data.AUTOTUNE)
-    train = train.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    # batch, then repeat: an epoch's last batch ends with the epoch, exactly as on images (the image
+    # pipeline batches before it repeats), so training on cached features is training on images
+    train = train.batch(batch_size)
+    train = (train if sampler == "balanced" else train.repeat()).prefetch(tf.data.AUTOTUNE)
     sets = {**sets, "train": plain}
     return Inputs(train=train, train_plain=batches("train"), val=batches("val"), test=batches("test"),
                   steps_per_epoch=steps)
