@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite, from a fresh clone: sets up .venv, then runs every test (offline; about 7 minutes on 2 idle
+# The test suite, from a fresh clone: sets up .venv, then runs every test (offline; about 9 minutes on 2 idle
 # cores, measured on a fresh clone; the budget is 10 minutes on 2 cores). Test files are spread
 # over 2 worker processes (pytest-xdist, one file per worker at a time, so module fixtures stay shared);
 # extra arguments go to pytest, e.g. `-m "not slow"` (the fast tier: no CLI), `-n 0` (one process),
