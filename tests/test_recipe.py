@@ -429,3 +429,37 @@ def test_feature_views_draw_one_cached_view_per_image_each_epoch():
     assert seen == {10 * i + v for i in range(4) for v in range(3)}
     plain = next(iter(inputs.train_plain))[0].numpy()[:, 0]
     assert list(plain) == [0, 10, 20, 30]  # view 0 stands for the split where it is read plainly
+
+
+def test_batchnorm_recalibration_replaces_the_statistics_of_accumulated_micro_batches():
+    """With accumulate_steps=4 on batches of 2, BatchNorm's moving statistics come from 2-image batches;
+    the recalibration after the stage re-estimates them as the mean over the training batches of each
+    batch's own statistics (the "precise BN" estimate), whatever the micro-batches left."""
+    import keras
+    import tensorflow as tf
+
+    from finetune.model import batchnorm
+    from finetune.train.optim import common_options
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 3))
+    conv = keras.layers.Conv2D(4, 3)(inputs)
+    bn_layer = keras.layers.BatchNormalization(momentum=0.5)
+    x = keras.layers.GlobalAveragePooling2D()(bn_layer(conv))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    options = common_options(NS(ema=False, weight_decay=0, clipnorm=None), accumulate=4)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2, **options), loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    images = (rng.normal(size=(32, 6, 6, 3)) * 3 + 1).astype("float32")
+    labels = (images.mean(axis=(1, 2, 3)) > 1).astype("int32")
+    model.fit(images, labels, batch_size=2, epochs=2, verbose=0, shuffle=False)
+    data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+    features = keras.Model(inputs, conv)
+    per_batch = [features.predict_on_batch(images[i:i + 8]) for i in range(0, 32, 8)]
+    expected_mean = np.mean([b.mean(axis=(0, 1, 2)) for b in per_batch], axis=0)
+    expected_var = np.mean([b.var(axis=(0, 1, 2)) for b in per_batch], axis=0)
+    assert not np.allclose(bn_layer.moving_variance.numpy(), expected_var, rtol=2e-2, atol=1e-3)  # micro-batches
+    used = batchnorm.recalibrate(model, data, [bn_layer], max_batches=100)
+    assert used == 4
+    assert np.allclose(bn_layer.moving_mean.numpy(), expected_mean, atol=1e-4)
+    assert np.allclose(bn_layer.moving_variance.numpy(), expected_var, rtol=2e-2, atol=1e-3)
