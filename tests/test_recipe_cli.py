@@ -50,6 +50,13 @@ def test_cosine_warmup_class_weights_and_smoothing_are_what_the_run_records(cli,
     logged = sorted((m.step, m.value) for m in mlflow_client.get_metric_history(run.info.run_id, "learning_rate"))
     assert [step for step, _ in logged] == [0, 1, 2]
     assert [value for _, value in logged] == pytest.approx(expected, rel=1e-5)
+    # ... and every update's rate is a curve of its own: warmup (s+1)/W, then the cosine
+    per_update = sorted((m.step, m.value) for m in
+                        mlflow_client.get_metric_history(run.info.run_id, "learning_rate_per_update"))
+    formula = [lr * (s + 1) / warm if s < warm else lr * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+               for s in range(total)]
+    assert [step for step, _ in per_update] == list(range(total))
+    assert [value for _, value in per_update] == pytest.approx(formula, rel=1e-5)
     assert "val_minority_recall" in {k.replace("final_", "") for k in metrics}
     line = next(line for line in result.stdout.splitlines() if "minority classes:" in line)
     assert "blue (4 training images) recall" in line and "green (4 training images) recall" in line

@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from finetune.tracking import journal as tracking_journal
 from finetune.tracking import outage
 from finetune.tracking.journal import JOURNAL_NAME, Journal, replay
+from finetune.tracking.journal import describe as journal_describe
 from finetune.tracking.outage import Session, bounded_http
 
 from .conftest import TINY, TINY_SHAPES, cli_env
@@ -104,6 +105,23 @@ def test_outage_is_journaled_breaker_skips_the_network_and_replay_keeps_steps(tm
     assert client.tags == {"stage1": "train"} and not s.journal.pending()
     assert s.end("FINISHED") is not None and client.ended[0] == "FINISHED"  # summary: it was down once
     assert Journal(s.journal.path).pending() == []  # what was sent is recorded as sent
+
+
+def test_a_metric_series_is_one_call_journaled_whole_and_replayed_with_its_steps(tmp_path, capsys):
+    """learning_rate_per_update: an epoch's updates go in one call, and an outage keeps their steps."""
+    client, clock = FakeClient(), Clock()
+    s = session(tmp_path, client, clock)
+    s.log_series("lr", [(0, 0.1), (1, 0.2)])
+    assert client.calls == 1 and [m[:3] for m in client.metrics] == [("lr", 0.1, 0), ("lr", 0.2, 1)]
+    client.up = False
+    s.log_series("lr", [(2, 0.3), (3, 0.4), (4, 0.5)])
+    assert journal_describe(s.journal.pending()) == "3 metric values"
+    client.up = True
+    clock.t += outage.FIRST_COOLDOWN_S
+    s.log_series("lr", [(5, 0.6)])
+    assert [m[2] for m in client.metrics] == list(range(6))
+    assert [m[1] for m in client.metrics] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert "1 journaled call(s) replayed" in capsys.readouterr().err
 
 
 def test_server_down_at_the_end_then_replayed_later_once(tmp_path, capsys):

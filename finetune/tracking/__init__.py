@@ -7,7 +7,7 @@ the journal module once, as the program, rather than after this package imported
 import importlib
 
 _HOMES = {"Run": "scope", "run": "scope",
-          **{name: "store" for name in ("artifact_location", "flatten", "log_artifact", "log_metrics", "log_params",
+          **{name: "store" for name in ("artifact_location", "flatten", "log_artifact", "log_metrics", "log_series", "log_params",
                                         "metric_key", "process_rss_mb", "register_model", "set_tag", "set_tags",
                                         "tracking_uri", "ui_hint", "use_experiment")}}
 __all__ = sorted(_HOMES)

@@ -116,6 +116,8 @@ def describe(entries: list[dict]) -> str:
         if op in sizes:
             name, field = sizes[op]
             counts[name] += len(entry[field])
+        elif op == "series":
+            counts["metric value"] += len(entry["values"])
         elif op == "artifact":
             counts["artifact"] += 1
         elif op == "register_model":

@@ -91,6 +91,11 @@ def send(client, entry: dict) -> None:
                  for key, value in entry["metrics"].items()]
         for start in range(0, len(items), BATCH_METRICS):
             client.log_batch(run_id, metrics=items[start:start + BATCH_METRICS])
+    elif op == "series":  # one metric at many steps (the learning rate of every optimizer update)
+        items = [Metric(entry["key"], _number(value), int(entry["timestamp"]), int(step))
+                 for step, value in entry["values"]]
+        for start in range(0, len(items), BATCH_METRICS):
+            client.log_batch(run_id, metrics=items[start:start + BATCH_METRICS])
     elif op == "params":
         items = [Param(key, str(value)) for key, value in entry["params"].items()]
         for start in range(0, len(items), BATCH_PARAMS):
@@ -173,6 +178,11 @@ class Session:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         self.submit({"op": "metrics", "metrics": {k: float(v) for k, v in metrics.items()},
                      "step": int(step or 0), "timestamp": now_ms()})
+
+    def log_series(self, key: str, values) -> None:
+        """`key` at many steps in one call: `values` is [(step, value), ...]."""
+        self.submit({"op": "series", "key": key, "values": [[int(s), float(v)] for s, v in values],
+                     "timestamp": now_ms()})
 
     def log_params(self, params: dict) -> None:
         self.submit({"op": "params", "params": {k: str(v) for k, v in params.items()}})

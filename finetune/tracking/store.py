@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import mlflow
@@ -118,6 +119,25 @@ def log_params(params: dict) -> None:
 def log_metrics(metrics: dict, step: int | None = None) -> None:
     session = _session()
     (session.log_metrics if session else mlflow.log_metrics)(metrics, step=step)
+
+
+def log_series(key: str, values) -> None:
+    """One metric at many steps in one call ([(step, value), ...]): MLflow draws it as one curve."""
+    values = list(values)
+    if not values:
+        return
+    session = _session()
+    if session:
+        session.log_series(key, values)
+        return
+    active = mlflow.active_run()
+    if active is None:  # a callback used outside a tracked run (a test's, a notebook's)
+        return
+    from mlflow.entities import Metric
+
+    timestamp = int(time.time() * 1000)
+    mlflow.MlflowClient().log_batch(active.info.run_id,
+                                    metrics=[Metric(key, float(v), timestamp, int(s)) for s, v in values])
 
 
 def set_tag(key: str, value) -> None:

@@ -19,6 +19,11 @@ called with micro-batch counts under gradient accumulation; so the rate is a pla
 `ScheduleCallback` sets before every batch from the formula above (`rate`, pure Python, what the tests
 check). The position in the schedule is the epoch and batch Keras passes in (a resumed stage restarts at
 its epoch); plateau's state (factor, best value, wait count) is part of the run's checkpoint.
+
+In MLflow, `learning_rate` (per epoch) is the rate of the epoch's last update, and
+`learning_rate_per_update` has every update's rate, sent once per epoch in one call: its step is the
+update's index in the stage plus the stage's first epoch x updates per epoch (the run's update count
+when every stage has the same batches per epoch, as stages on one dataset do).
 """
 from __future__ import annotations
 
@@ -118,6 +123,7 @@ class ScheduleCallback(keras.callbacks.Callback):
         self.wait = int(state.get("wait", 0))
         self.epoch = self.first_epoch
         self.steps: list[tuple[int, float]] = []
+        self.logged = 0  # how many of `steps` went to MLflow
 
     def state(self) -> dict:
         """What a resumed stage needs to continue this schedule exactly (JSON)."""
@@ -137,6 +143,11 @@ class ScheduleCallback(keras.callbacks.Callback):
             self.steps.append((s, lr))
 
     def on_epoch_end(self, epoch, logs=None):
+        from finetune import tracking
+
+        offset = self.first_epoch * self.plan.updates_per_epoch
+        tracking.log_series("learning_rate_per_update", [(offset + s, lr) for s, lr in self.steps[self.logged:]])
+        self.logged = len(self.steps)
         if self.name != "plateau":
             return
         if (int(epoch) + 1 - self.first_epoch) * self.plan.updates_per_epoch <= warmup_updates(self.cfg, self.plan):
