@@ -203,9 +203,26 @@ def test_augmentations_are_a_registry_matching_the_schema(tmp_path):
 
 
 def test_many_shape_kinds_render():
+    assert len(shapes_mod.SUPPORTED_CLASSES) >= 30
     for kind in shapes_mod.SUPPORTED_CLASSES:
         img = shapes_mod.render(kind, 0, 24, 0)
         assert img.shape == (24, 24, 3) and img.dtype == np.uint8
+
+
+def test_textures_change_the_shape_only_and_keep_untextured_keys():
+    """data.textured=true repaints the inside of the shape; background, noise and position are the same
+    image for image, and the untextured dataset keeps the key (cache folder) it had before textures."""
+    changed = 0
+    for i in range(12):
+        plain, textured = shapes_mod.render("square", i, 32, 0), shapes_mod.render("square", i, 32, 0, True)
+        differs = np.any(plain != textured, axis=-1)
+        assert differs.mean() < 0.5  # a square of radius <= 0.4 covers under half the image
+        changed += differs.any()
+    assert changed >= 9  # "solid" is one texture in five
+    assert shapes_mod.dataset_key(["circle", "ring"], 3, 32, 0) == shapes_mod.dataset_key(["circle", "ring"], 3, 32, 0,
+                                                                                         False)
+    assert shapes_mod.dataset_key(["circle", "ring"], 3, 32, 0) != shapes_mod.dataset_key(["circle", "ring"], 3, 32, 0,
+                                                                                         True)
 
 
 # ---------------------------------------------------------------------------------------------

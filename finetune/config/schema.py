@@ -153,6 +153,8 @@ class ShapesDataConfig(DataCommon):
     image_size: int = 64
     classes: List[str] = field(
         default_factory=lambda: ["circle", "square", "triangle", "star", "cross", "ring"])
+    # fill each shape with a random two-colour texture (stripes, checker, dots, gradient or solid)
+    textured: bool = False
     cache_dir: Optional[str] = None
     val_split: float = 0.2
     test_split: float = 0.1

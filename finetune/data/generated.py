@@ -18,7 +18,8 @@ def load_shapes(opts) -> Dataset:
 
     classes = shapes.validate_classes(opts.classes)
     folder = shapes.ensure_shapes(classes, num_per_class=opts.num_per_class, image_size=opts.image_size,
-                                  seed=opts.seed, cache_dir=opts.cache_dir)
+                                  seed=opts.seed, cache_dir=opts.cache_dir,
+                                  textured=bool(getattr(opts, "textured", False)))
     found = scan_folder(folder, key="data.cache_dir")
     missing = [c for c in classes if c not in found]
     if missing:

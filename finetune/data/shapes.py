@@ -72,7 +72,23 @@ def _heart(n: int = 80) -> list[tuple[float, float]]:
     return pts
 
 
-# name -> (filled polygons, hole polygons, rotation-invariant?)
+def _scaled(poly, sx: float, sy: float) -> list[tuple[float, float]]:
+    return [(x * sx, y * sy) for x, y in poly]
+
+
+def _arc(r_out: float, r_in: float, start: float, end: float, n: int = 48) -> list[tuple[float, float]]:
+    """A ring sector between angles `start` and `end` (radians); r_in=0 gives a pie slice."""
+    outer = [(r_out * math.cos(start + (end - start) * k / n), r_out * math.sin(start + (end - start) * k / n))
+             for k in range(n + 1)]
+    if r_in <= 0:
+        return [(0.0, 0.0), *outer]
+    inner = [(r_in * math.cos(end - (end - start) * k / n), r_in * math.sin(end - (end - start) * k / n))
+             for k in range(n + 1)]
+    return outer + inner
+
+
+# name -> (filled polygons, hole polygons). Shapes after "line" came with the transfer demo's richer
+# source task (issue 12); the first 13 render exactly as before.
 _SHAPES = {
     "circle": lambda: ([_circle_pts()], []),
     "square": lambda: ([[(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)]], []),
@@ -87,6 +103,32 @@ _SHAPES = {
     "arrow": lambda: ([_arrow()], []),
     "heart": lambda: ([_heart()], []),
     "line": lambda: ([[(-1, -0.12), (1, -0.12), (1, 0.12), (-1, 0.12)]], []),
+    "octagon": lambda: ([_regular(8)], []),
+    "ellipse": lambda: ([_scaled(_circle_pts(), 1.0, 0.5)], []),
+    "semicircle": lambda: ([_arc(1.0, 0.0, 0.0, math.pi)], []),
+    "pacman": lambda: ([_arc(1.0, 0.0, math.pi / 4, 7 * math.pi / 4)], []),
+    "arc": lambda: ([_arc(1.0, 0.6, 0.0, math.pi)], []),
+    "rectangle": lambda: ([[(-1, -0.45), (1, -0.45), (1, 0.45), (-1, 0.45)]], []),
+    "trapezoid": lambda: ([[(-1, 0.6), (1, 0.6), (0.45, -0.6), (-0.45, -0.6)]], []),
+    "parallelogram": lambda: ([[(-1, 0.5), (0.4, 0.5), (1, -0.5), (-0.4, -0.5)]], []),
+    "square_ring": lambda: ([[(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]],
+                            [[(-0.45, -0.45), (0.45, -0.45), (0.45, 0.45), (-0.45, 0.45)]]),
+    "triangle_ring": lambda: ([_regular(3)], [_scaled(_regular(3), 0.45, 0.45)]),
+    "star4": lambda: ([_star(4, 0.35)], []),
+    "star8": lambda: ([_star(8, 0.6)], []),
+    "gear": lambda: ([_star(12, 0.78)], [_circle_pts(0.3)]),
+    "l_shape": lambda: ([[(-0.8, -1), (-0.2, -1), (-0.2, 0.4), (0.8, 0.4), (0.8, 1), (-0.8, 1)]], []),
+    "t_shape": lambda: ([[(-1, -1), (1, -1), (1, -0.4), (0.3, -0.4), (0.3, 1), (-0.3, 1), (-0.3, -0.4),
+                          (-1, -0.4)]], []),
+    "u_shape": lambda: ([[(-1, -1), (-0.4, -1), (-0.4, 0.4), (0.4, 0.4), (0.4, -1), (1, -1), (1, 1),
+                          (-1, 1)]], []),
+    "chevron": lambda: ([[(-1, -0.9), (-0.4, -0.9), (0.6, 0), (-0.4, 0.9), (-1, 0.9), (0, 0)]], []),
+    "hourglass": lambda: ([[(-0.8, -1), (0.8, -1), (0.08, 0), (0.8, 1), (-0.8, 1), (-0.08, 0)]], []),
+    "two_dots": lambda: ([_circle_pts(0.42, cx=-0.55), _circle_pts(0.42, cx=0.55)], []),
+    "three_bars": lambda: ([[(-1, y - 0.16), (1, y - 0.16), (1, y + 0.16), (-1, y + 0.16)]
+                            for y in (-0.65, 0.0, 0.65)], []),
+    "teardrop": lambda: ([[(0.0, -1.0)] + [(0.55 * math.cos(a), 0.35 + 0.55 * math.sin(a))
+                                            for a in np.linspace(-0.15 * math.pi, 1.15 * math.pi, 40)]], []),
 }
 SUPPORTED_CLASSES = tuple(_SHAPES)
 
@@ -132,8 +174,38 @@ def _pick_colour(rng: np.random.Generator, bg_mean: np.ndarray) -> tuple[int, in
     return tuple(int(v) for v in best)
 
 
-def render(kind: str, index: int, image_size: int, seed: int) -> np.ndarray:
-    """Image `index` of class `kind` as uint8 HxWx3. Deterministic in its arguments."""
+TEXTURES = ("solid", "stripes", "checker", "dots", "gradient")
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """float32 HxWx1 in 0..1: which of the shape's two colours each pixel takes (a random pattern among
+    TEXTURES, with a random period, phase and angle)."""
+    kind = TEXTURES[int(rng.integers(len(TEXTURES)))]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    angle = rng.uniform(0, math.pi)
+    period = rng.uniform(3.0, 7.0) * size / 32.0
+    u = xx * math.cos(angle) + yy * math.sin(angle) + rng.uniform(0, period)
+    v = -xx * math.sin(angle) + yy * math.cos(angle) + rng.uniform(0, period)
+    if kind == "solid":
+        t = np.zeros_like(xx)
+    elif kind == "stripes":
+        t = (np.mod(u, period) < period / 2).astype(np.float32)
+    elif kind == "checker":
+        t = ((np.floor(u / period * 2) + np.floor(v / period * 2)) % 2).astype(np.float32)
+    elif kind == "dots":
+        du, dv = np.mod(u, period) - period / 2, np.mod(v, period) - period / 2
+        t = (du * du + dv * dv < (period * 0.3) ** 2).astype(np.float32)
+    else:  # gradient across the image
+        t = np.clip(u / size, 0, 1)
+    return t[..., None]
+
+
+def render(kind: str, index: int, image_size: int, seed: int, textured: bool = False) -> np.ndarray:
+    """Image `index` of class `kind` as uint8 HxWx3. Deterministic in its arguments.
+
+    textured=True fills the shape with a random two-colour texture (stripes, checker, dots, gradient or
+    solid) instead of one colour; the texture's randomness comes from its own stream, so the shape,
+    background and noise are the same image for image as untextured."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(kind.encode()), int(index)])
@@ -181,7 +253,13 @@ def render(kind: str, index: int, image_size: int, seed: int) -> np.ndarray:
     img = bg * (1 - alpha) + la[..., :3] * alpha
 
     shade = rng.uniform(0.85, 1.0)  # slight shading variation inside the shape
-    img = img * (1 - mask) + np.asarray(fill, np.float32) * shade * mask
+    colour = np.asarray(fill, np.float32) * shade
+    if textured:
+        trng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(kind.encode()), int(index), 1])
+        second = np.clip(colour * trng.uniform(0.25, 0.6) + trng.uniform(0, 255, 3) * 0.3, 0, 255)
+        t = _texture(trng, s)
+        colour = colour * (1 - t) + second * t
+    img = img * (1 - mask) + colour * mask
     img = img + rng.normal(0.0, rng.uniform(4.0, 22.0), img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
@@ -193,9 +271,11 @@ def default_cache_dir() -> Path:
     return cache_dir("shapes")
 
 
-def dataset_key(classes, num_per_class: int, image_size: int, seed: int) -> str:
+def dataset_key(classes, num_per_class: int, image_size: int, seed: int, textured: bool = False) -> str:
     params = {"version": GENERATOR_VERSION, "classes": list(classes), "num_per_class": int(num_per_class),
               "image_size": int(image_size), "seed": int(seed)}
+    if textured:  # untextured keys stay what they were before textures existed
+        params["textured"] = True
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -252,15 +332,18 @@ def _temp_folder(cache_dir: Path, key: str) -> Path:
         raise _unwritable(cache_dir, e) from e
 
 
-def _write_images(tmp: Path, classes: list[str], num_per_class: int, image_size: int, seed: int) -> None:
+def _write_images(tmp: Path, classes: list[str], num_per_class: int, image_size: int, seed: int,
+                  textured: bool = False) -> None:
     from PIL import Image
 
     for c in classes:
         (tmp / c).mkdir()
         for i in range(num_per_class):
-            Image.fromarray(render(c, i, image_size, seed)).save(tmp / c / f"{c}_{i:04d}.png", optimize=False)
+            Image.fromarray(render(c, i, image_size, seed, textured)).save(tmp / c / f"{c}_{i:04d}.png",
+                                                                             optimize=False)
     manifest = {"version": GENERATOR_VERSION, "classes": classes, "num_per_class": num_per_class,
-                "image_size": int(image_size), "seed": int(seed), "images": len(classes) * num_per_class}
+                "image_size": int(image_size), "seed": int(seed), "textured": bool(textured),
+                "images": len(classes) * num_per_class}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
@@ -280,14 +363,14 @@ def _move_into_place(tmp: Path, final: Path, key: str) -> None:
 
 
 def ensure_shapes(classes, num_per_class: int, image_size: int, seed: int, cache_dir=None,
-                  verbose: bool = True) -> Path:
+                  verbose: bool = True, textured: bool = False) -> Path:
     """Returns the folder of the shapes dataset, generating it first if needed.
 
     The folder holds one sub-folder per class, like a `folder` dataset.
     """
     classes = check_options(classes, num_per_class, image_size)
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    key = dataset_key(classes, num_per_class, image_size, seed)
+    key = dataset_key(classes, num_per_class, image_size, seed, textured)
     final = cache_dir / key
     if _is_complete(final):
         return final
@@ -296,7 +379,7 @@ def ensure_shapes(classes, num_per_class: int, image_size: int, seed: int, cache
         print(f"generating shapes dataset: {len(classes) * int(num_per_class)} images -> {final}",
               file=sys.stderr, flush=True)
     try:
-        _write_images(tmp, classes, int(num_per_class), image_size, seed)
+        _write_images(tmp, classes, int(num_per_class), image_size, seed, textured)
         _move_into_place(tmp, final, key)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
