@@ -6,6 +6,8 @@ Data (offline, bundled): scikit-learn's handwritten digits as PNG folders, imbal
 test sets (--eval-per-class each), so that minority recall is measured on as many images as majority
 recall. (The generated shapes do not do: deep backbones from random weights barely learn them in this
 budget; the digits they learn.) The backbone starts from random weights (no ImageNet offline).
+`--data shapes` is the second set: ten generated kinds the transfer demo's source never saw, 10:1 the same
+way, to start from that demo's source backbone: `-- backbone.weights=<runs/source/backbone.weights.h5>`.
 
 Two configurations, each on --seeds seeds at the same epochs, backbone, input size and batch size:
     plain   the defaults: constant learning rate, flip augmentation
@@ -35,6 +37,10 @@ from transfer_demo import Run, read_back, train  # noqa: E402  (the same run plu
 
 MAJOR = ("0", "1", "2", "3", "4")
 MINOR = ("5", "6", "7", "8", "9")
+# --data shapes: ten generated kinds, none of them in the transfer demo's source task, so that its source
+# backbone (-- backbone.weights=<file>) can serve as a pretrained start
+SHAPE_MAJOR = ("heart", "arrow", "pacman", "hourglass", "three_bars")
+SHAPE_MINOR = ("rectangle", "trapezoid", "star4", "gear", "parallelogram")
 CONFIGS = {"plain": ["augment=flip"], "recipe": ["experiment=recipe"]}
 
 
@@ -69,8 +75,34 @@ def write_folders(work: Path, major: int, eval_per_class: int, seed: int) -> dic
     return {split: root / split for split in ("train", "val", "test")}
 
 
-def minority_recall(metrics: dict) -> float:
-    return statistics.mean(metrics.get(f"test_recall_{c}", float("nan")) for c in MINOR)
+def write_shape_folders(work: Path, major: int, eval_per_class: int, image_size: int = 64) -> dict[str, Path]:
+    """The same layout from generated shapes: --major images of each SHAPE_MAJOR kind, a tenth of that of
+    each SHAPE_MINOR kind, and eval_per_class of each in val and test (disjoint image indices)."""
+    from PIL import Image
+
+    from finetune.data.shapes import render
+
+    root = work / "data"
+    if root.exists():
+        shutil.rmtree(root)
+    minor = max(1, major // 10)
+    for kind in (*SHAPE_MAJOR, *SHAPE_MINOR):
+        n_train = major if kind in SHAPE_MAJOR else minor
+        ranges = {"train": range(n_train), "val": range(n_train, n_train + eval_per_class),
+                  "test": range(n_train + eval_per_class, n_train + 2 * eval_per_class)}
+        for split, indices in ranges.items():
+            folder = root / split / kind
+            folder.mkdir(parents=True)
+            for i in indices:
+                Image.fromarray(render(kind, i, image_size, 0)).save(folder / f"{kind}_{i:04d}.png")
+    print(f"data: {root}  train {5 * major + 5 * minor} shapes ({major} per kind of {', '.join(SHAPE_MAJOR)}; "
+          f"{minor} per kind of {', '.join(SHAPE_MINOR)}), val and test {eval_per_class} per kind", flush=True)
+    return {split: root / split for split in ("train", "val", "test")}
+
+
+def minority_recall(metrics: dict, minor=None) -> float:
+    minor = minor or (SHAPE_MINOR if any(f"test_recall_{c}" in metrics for c in SHAPE_MINOR) else MINOR)
+    return statistics.mean(metrics.get(f"test_recall_{c}", float("nan")) for c in minor)
 
 
 def summary(rows: dict[str, list[Run]]) -> tuple[str, dict]:
@@ -96,6 +128,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("recipe_bench_data"), help="data, runs, logs, MLflow store")
+    p.add_argument("--data", choices=("digits", "shapes"), default="digits",
+                   help="digits (bundled) or shapes (generated kinds the transfer demo's source never saw) [digits]")
     p.add_argument("--major", type=int, default=100, help="training images per digit 0-4 [100]; 5-9: a tenth")
     p.add_argument("--eval-per-class", type=int, default=30, help="val and test images per digit [30]")
     p.add_argument("--size", type=int, default=32, help="input size in pixels [32]")
@@ -126,7 +160,8 @@ def main(argv=None) -> int:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{work / 'mlflow.db'}"
     began, bench_id = time.perf_counter(), uuid.uuid4().hex[:8]
-    data = write_folders(work, args.major, args.eval_per_class, seed=0)
+    data = (write_folders(work, args.major, args.eval_per_class, seed=0) if args.data == "digits"
+            else write_shape_folders(work, args.major, args.eval_per_class))
     common = [f"backbone={args.backbone}", "backbone.weights=null", f"backbone.input_shape=[{args.size},{args.size}]",
               "freeze=none", "data=folder", f"data.path={data['train']}", f"data.val_path={data['val']}",
               f"data.test_path={data['test']}", f"optimizer.lr={args.lr}", f"trainer.epochs={args.epochs}",

@@ -463,3 +463,34 @@ def test_batchnorm_recalibration_replaces_the_statistics_of_accumulated_micro_ba
     assert used == 4
     assert np.allclose(bn_layer.moving_mean.numpy(), expected_mean, atol=1e-4)
     assert np.allclose(bn_layer.moving_variance.numpy(), expected_var, rtol=2e-2, atol=1e-3)
+
+
+def test_the_suggestion_is_the_sustained_descent_not_the_first_steps_noise():
+    """What the transfer demo's frozen run recorded, in shape: batch-to-batch noise of +-0.1 over the first
+    steps (flat on average, 50 images in batches of 10), the real descent between 1e-3 and 5e-2, then
+    divergence. Point-to-point slopes picked the noise (4e-7); a decade-wide slope finds the descent."""
+    from finetune.train.lr_finder import RangeTest, rate_at
+
+    steps = 60
+    rates = [rate_at(i, steps, 1e-7, 1.0) for i in range(steps)]
+    rng = np.random.default_rng(0)
+    smoothed = []
+    for i, lr in enumerate(rates):
+        noise = 0.12 * np.sin(i * 2.1) if i < 15 else 0.01 * rng.normal()
+        descent = 0.45 * min(1.0, max(0.0, (np.log10(lr) + 3) / 1.7))  # 2.5 -> 2.05 from 1e-3 to 5e-2
+        rise = 4.0 * max(0.0, np.log10(lr) + 1) ** 2
+        smoothed.append(2.5 + noise - descent + rise)
+    result = RangeTest(rates=rates, losses=smoothed, smoothed=smoothed)
+    assert 1e-3 <= result.suggest() <= 5e-2
+
+
+def test_no_descent_gives_the_default_rate_and_says_so():
+    """A deep network from random weights on 50 images (the demo's scratch run): the loss wanders around
+    its start at every rate, then diverges. No rate is better than another; the default is used."""
+    from finetune.train import lr_finder
+
+    rates = [lr_finder.rate_at(i, 60, 1e-7, 1.0) for i in range(60)]
+    smoothed = [1.95 + 0.05 * np.sin(i) + (3.0 * (np.log10(r) + 2.2) if r > 6e-3 else 0.0) for i, r in enumerate(rates)]
+    result = lr_finder.RangeTest(rates=rates, losses=smoothed, smoothed=smoothed)
+    assert result.suggest() == lr_finder.FALLBACK_LR and result.fallback
+    assert "no descent" in lr_finder.describe(result)

@@ -72,3 +72,20 @@ def test_quick_bench_compares_plain_and_recipe_at_equal_budget(tmp_path, warm_cl
     assert set(report["means"]) == {"plain", "recipe"} and set(report["gain"]) == {
         "test_accuracy", "macro_f1", "minority_recall"}
     assert "| **recipe** | mean |" in out.read_text()
+
+
+def test_views_bench_sides_differ_only_in_augmentation_and_cache():
+    """scripts/views_bench.py: the three sides share every override but these; cached sides start empty."""
+    spec = importlib.util.spec_from_file_location("views_bench", REPO / "scripts" / "views_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    assert module.overrides("none", "light", 4) == ["augment=none", "trainer.feature_cache=refresh"]
+    assert module.overrides("per_epoch", "light", 4) == ["augment=light"]
+    assert module.overrides("views", "strong", 3) == ["augment=strong", "trainer.feature_cache_views=3",
+                                                      "trainer.feature_cache=refresh"]
+    runs = {name: [module.Run(name, [], seconds=s, metrics={"final_val_accuracy": a, "test_accuracy": a})
+                   for s, a in ((10, 0.5), (20, 0.7))] for name in module.CONFIGS}
+    table = module.table(runs, epochs=16, views=4).splitlines()
+    assert table[2:] == ["| none | 1 | 0.600 | 0.600 | 15 |", "| per_epoch | 16 | 0.600 | 0.600 | 15 |",
+                         "| views | 4 | 0.600 | 0.600 | 15 |"]

@@ -1,10 +1,10 @@
-"""scripts/transfer_demo.py end to end with --quick: source run -> saved backbone -> 3 target runs.
+"""scripts/transfer_demo.py end to end with --quick: source run -> saved backbone -> 4 target runs.
 
 Checks the plumbing only (runs, MLflow records, equal budgets, the frozen backbone really unchanged);
 the quick budget is far too small for the accuracies to mean anything, so none are compared.
-The demo's `main` runs in this process; each of its four `python -m finetune train` calls is a child of
+The demo's `main` runs in this process; each of its five `python -m finetune train` calls is a child of
 the warm interpreter the other CLI tests use (tests/warm_cli.py: the same entry point, argv, cwd and exit
-status, without four TensorFlow imports), and its own subprocess runner is tested on its own.
+status, without five TensorFlow imports), and its own subprocess runner is tested on its own.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 SCRIPT = REPO / "scripts" / "transfer_demo.py"
-TARGET_RUNS = ("scratch", "frozen", "two_stage")
+TARGET_RUNS = ("scratch", "frozen", "two_stage", "gradual")
 
 
 def load_script():
@@ -43,23 +43,26 @@ def h5_arrays(path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def test_png_folders_are_deterministic_and_disjoint(tmp_path):
+def test_png_folders_are_deterministic_and_the_target_kinds_unseen(tmp_path):
     demo = load_script()
     listing = []
     for attempt in range(2):
-        paths = demo.write_png_folders(tmp_path, per_class=10, val_per_class=20, seed=3,
-                                       source_per_class=None, test_per_class=None)
-        listing.append({name: sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+        paths = demo.write_png_folders(tmp_path, demo.SOURCE_KINDS[:3], demo.TARGET_KINDS, source_per_class=4,
+                                       per_class=2, val_per_class=3, test_per_class=5, image_size=24, seed=3,
+                                       textured=True)
+        listing.append({name: sorted((p.relative_to(root).as_posix(), p.read_bytes()) for p in root.rglob("*.png"))
                         for name, root in paths.items()})
     assert listing[0] == listing[1]
-    files = listing[0]
-    assert sorted({f.split("/")[0] for f in files["source"]}) == ["0", "1", "2", "3", "4"]
-    for split in ("target_train", "target_val", "target_test"):
-        assert sorted({f.split("/")[0] for f in files[split]}) == ["5", "6", "7", "8", "9"]
-    assert len(files["target_train"]) == 50 and len(files["target_val"]) == 100
-    names = [{f.split("/")[1] for f in files[s]} for s in ("target_train", "target_val", "target_test")]
+    files = {name: [f for f, _ in entries] for name, entries in listing[0].items()}
+    assert sorted({f.split("/")[0] for f in files["source"]}) == sorted(demo.SOURCE_KINDS[:3])
+    for split, n in (("target_train", 2), ("target_val", 3), ("target_test", 5)):
+        assert sorted({f.split("/")[0] for f in files[split]}) == sorted(demo.TARGET_KINDS)
+        assert len(files[split]) == n * len(demo.TARGET_KINDS)
+    assert not set(demo.SOURCE_KINDS) & set(demo.TARGET_KINDS)
+    names = [set(files[s]) for s in ("target_train", "target_val", "target_test")]
     assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
-    assert len(files["source"]) + sum(len(n) for n in names) == 1797  # every digit used once
+    with pytest.raises(SystemExit, match="both the source and the target"):
+        demo.write_png_folders(tmp_path, ("heart", "circle"), demo.TARGET_KINDS, 1, 1, 1, 1, 24, 0, False)
 
 
 def test_run_logged_writes_the_log_and_returns_status_and_lines(tmp_path, capsys):
@@ -73,7 +76,7 @@ def test_run_logged_writes_the_log_and_returns_status_and_lines(tmp_path, capsys
     assert "   | run id abc" in capsys.readouterr().out
 
 
-def test_quick_demo_records_four_runs_in_one_experiment(tmp_path, warm_cli, cache_dir, capsys, monkeypatch):
+def test_quick_demo_records_five_runs_in_one_experiment(tmp_path, warm_cli, cache_dir, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from tests.conftest import cli_env
@@ -97,8 +100,8 @@ def test_quick_demo_records_four_runs_in_one_experiment(tmp_path, warm_cli, cach
         code = demo.main(["--quick", "--work", str(work)])
         out = capsys.readouterr().out
         assert code == 0, out[-3000:]
-        assert len(commands) == 4 and all(c[0] == "train" for c in commands)
-        assert "[1/4] source" in out and "[4/4] target two_stage" in out
+        assert len(commands) == 5 and all(c[0] == "train" for c in commands)
+        assert "[1/5] source" in out and "[5/5] target gradual" in out
 
         client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
         experiment = client.get_experiment_by_name("transfer_demo")
@@ -110,11 +113,11 @@ def test_quick_demo_records_four_runs_in_one_experiment(tmp_path, warm_cli, cach
 
         # the table: one row per approach, with its MLflow run id
         header = next(i for i, line in enumerate(out.splitlines()) if line.startswith("approach"))
-        rows = {line.split()[0]: line for line in out.splitlines()[header + 2:header + 5]}
+        rows = {line.split()[0]: line for line in out.splitlines()[header + 2:header + 6]}
         assert set(rows) == set(TARGET_RUNS)
         for name in TARGET_RUNS:
             assert rows[name].split()[-1] == runs[name].info.run_id
-        for column in ("trainable params", "val acc", "test acc", "wall s", "MLflow run id"):
+        for column in ("lr", "trainable params", "val acc", "test acc", "wall s", "MLflow run id"):
             assert column in out.splitlines()[header]
 
         # equal budget: same data, backbone, input, seed, batch size, and epochs (two_stage: summed)
@@ -123,14 +126,19 @@ def test_quick_demo_records_four_runs_in_one_experiment(tmp_path, warm_cli, cach
                     "trainer.seed", "trainer.batch_size", "train_size", "test_size"):
             assert len({params[name][key] for name in TARGET_RUNS}) == 1, key
         epochs = int(params["scratch"]["trainer.epochs"])
-        assert int(params["frozen"]["trainer.epochs"]) == epochs
+        assert int(params["frozen"]["trainer.epochs"]) == int(params["gradual"]["trainer.epochs"]) == epochs
         assert int(params["two_stage"]["stage1.epochs"]) + int(params["two_stage"]["stage2.epochs"]) == epochs
         assert runs["source"].data.params["trainer.seed"] != params["scratch"]["trainer.seed"]
+        # each approach at its own rate: the range test ran in every target run, and the table shows it
+        for name in TARGET_RUNS:
+            found = float(params[name]["optimizer.lr_found"])
+            assert 1e-7 <= found <= 1 and f"{found:.2g}" in rows[name]
+        assert params["gradual"]["freeze.name"] == "gradual"
 
         # where the backbones came from
         source_dir = (work / "runs" / "source").resolve()
         assert params["scratch"]["weights_source"] == "random"
-        for name in ("frozen", "two_stage"):
+        for name in ("frozen", "two_stage", "gradual"):
             assert params[name]["weights_source"].startswith(f"file:{source_dir / 'backbone.weights.h5'}")
 
         # frozen: only the head trained, and the backbone it saved is the source backbone, bit for bit
@@ -142,6 +150,7 @@ def test_quick_demo_records_four_runs_in_one_experiment(tmp_path, warm_cli, cach
         assert int(params["scratch"]["stage1.params_trainable"]) > 1000 * head
         assert int(params["two_stage"]["stage1.params_trainable"]) == head
         assert int(params["two_stage"]["stage2.params_trainable"]) > head
+        assert int(params["gradual"]["stage1.params_trainable"]) == head
         source_weights = h5_arrays(source_dir / "backbone.weights.h5")
         frozen_weights = h5_arrays(work / "runs" / "frozen" / "backbone.weights.h5")
         assert source_weights.keys() == frozen_weights.keys() and source_weights

@@ -3,8 +3,15 @@ rising rate, watch the loss, suggest a rate, then put the weights and the optimi
 
     rate of step i of N = start * (end / start) ** (i / (N - 1))
     smoothed loss       = exponential moving average (beta 0.98), bias-corrected
-    suggestion          = the rate where the smoothed loss falls fastest (the most negative slope of the
-                          smoothed loss against log10(rate)), as fastai's "steep" suggestion
+    suggestion          = the rate where the smoothed loss falls fastest, as fastai's "steep" suggestion:
+                          the most negative slope of the smoothed loss against log10(rate), each slope a
+                          least-squares line over one decade of rates around the point, the first 10% of
+                          steps left out. (Point-to-point slopes, as first shipped, picked 4e-7 on a
+                          50-image target in the transfer demo: the first steps' batch-to-batch noise
+                          looked steeper than the real descent near 1e-2; over a decade it averages out.)
+                          When the smoothed loss never falls 5% below its level over the first decade (nothing learns
+                          at any rate in these steps: a deep network from random weights on 50 images),
+                          there is no descent to pick: the suggestion is FALLBACK_LR, and it says so.
     stop                early once the smoothed loss exceeds 4x its best (it has diverged)
 
 Used by `finetune lr_find` and by `finetune train optimizer.lr=auto` (on the first stage as configured,
@@ -21,6 +28,7 @@ import numpy as np
 
 START_LR, END_LR, STEPS = 1e-7, 1.0, 100
 BETA, DIVERGED = 0.98, 4.0
+MIN_DROP, FALLBACK_LR = 0.05, 1e-3  # Adam's default rate (Keras'), for a test that found no descent
 
 
 @dataclass
@@ -29,15 +37,28 @@ class RangeTest:
     losses: list[float] = field(default_factory=list)
     smoothed: list[float] = field(default_factory=list)
     suggestion: float = float("nan")
+    fallback: bool = False  # True: the loss never fell MIN_DROP below its start; suggestion = FALLBACK_LR
 
-    def suggest(self, skip_start: int = 5, skip_end: int = 3) -> float:
-        """The rate at the steepest descent of the smoothed loss (ends trimmed, as fastai does)."""
+    def suggest(self, skip_start: int | None = None, skip_end: int = 3) -> float:
+        """The rate at the steepest sustained descent of the smoothed loss (see the module docstring)."""
         rates, losses = np.asarray(self.rates), np.asarray(self.smoothed)
+        skip_start = max(5, len(rates) // 10) if skip_start is None else skip_start
         if len(rates) > skip_start + skip_end + 3:
             rates, losses = rates[skip_start:len(rates) - skip_end], losses[skip_start:len(losses) - skip_end]
         if len(rates) < 3:
-            return float(rates[0]) if len(rates) else float("nan")
-        slopes = np.gradient(losses, np.log10(rates))
+            self.suggestion = float(rates[0]) if len(rates) else float("nan")
+            return self.suggestion
+        logs = np.log10(rates)
+        start = float(np.mean(losses[logs <= logs[0] + 1.0]))  # the first decade's level, not one noisy point
+        if losses.min() > start - MIN_DROP * abs(start):
+            self.fallback, self.suggestion = True, FALLBACK_LR
+            return self.suggestion
+        slopes = []
+        for centre in logs:
+            near = np.abs(logs - centre) <= 0.5  # one decade of rates around the point
+            if near.sum() < 3:
+                near = np.argsort(np.abs(logs - centre))[:3]
+            slopes.append(np.polyfit(logs[near], losses[near], 1)[0])
         self.suggestion = float(rates[int(np.argmin(slopes))])
         return self.suggestion
 
@@ -116,4 +137,13 @@ def record(result: RangeTest, out: Path, title: str) -> None:
         f"{r:.6g},{loss:.6g},{s:.6g}\n" for r, loss, s in zip(result.rates, result.losses, result.smoothed)))
     tracking.log_artifact(str(out / "lr_find.png"), "lr_find")
     tracking.log_artifact(str(out / "lr_find.csv"), "lr_find")
-    tracking.log_params({"lr_find.suggested_lr": f"{result.suggestion:.4g}", "lr_find.steps": len(result.rates)})
+    tracking.log_params({"lr_find.suggested_lr": f"{result.suggestion:.4g}", "lr_find.steps": len(result.rates),
+                         "lr_find.no_descent": result.fallback})
+
+
+def describe(result: RangeTest) -> str:
+    """How the suggestion was reached, for the console."""
+    if result.fallback:
+        return (f"no descent: the smoothed loss never fell {MIN_DROP:.0%} below its start in {len(result.rates)} "
+                f"steps, so the default {FALLBACK_LR:g}; more steps (trainer.lr_find_steps) or a set rate may do better")
+    return f"steepest descent of the smoothed loss over {len(result.rates)} steps"

@@ -262,8 +262,8 @@ def find_learning_rate(cfg, out: Path, progress: Progress, stage: Stage, model, 
     lr_finder.record(result, out, f"range test: stage '{stage.name}' ({stage.describe()})")
     progress.lr_found = result.suggestion / stage.lr_scale  # the base rate: each stage scales it
     tracking.log_params({"optimizer.lr_found": f"{progress.lr_found:.4g}"})
-    print(f"   suggested learning rate {result.suggestion:.3g} (steepest descent of the smoothed loss over "
-          f"{len(result.rates)} steps; plot: {out / 'lr_find.png'})")
+    print(f"   suggested learning rate {result.suggestion:.3g} ({lr_finder.describe(result)}; "
+          f"plot: {out / 'lr_find.png'})")
     return dataclasses.replace(stage, lr=result.suggestion)
 
 
