@@ -231,6 +231,9 @@ def parse_args(argv=None):
                    help="tiny budget (vgg16, which builds fastest; 4 source kinds x 30 images, 1 source epoch, "
                         "2 target epochs): checks that everything runs; the numbers mean nothing")
     p.add_argument("--verbose", action="store_true", help="echo every run's own output")
+    p.add_argument("--source-backbone", type=Path, default=None,
+                   help="reuse this source backbone (a run's backbone.weights.h5, same --backbone and "
+                        "--input-size) instead of training the source again")
     p.add_argument("--source-override", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra Hydra override for the source run only (repeatable), e.g. head=mlp")
     p.add_argument("overrides", nargs="*",
@@ -279,15 +282,23 @@ def main(argv=None) -> int:
                             "schedule=cosine", f"schedule.warmup_epochs={min(1, args.source_epochs - 1)}",
                             f"optimizer.lr={args.source_lr}", f"trainer.lr_find_steps={max(args.lr_find_steps, 60)}",
                             *args.source_override])
-    print(f"[1/{total}] source: {args.backbone} from random weights on {len(args.source_kinds)} shape kinds, "
-          f"{args.source_epochs} epoch(s), lr {args.source_lr}, seed {args.source_seed} ...", flush=True)
-    train(source, work, common, log_dir, args.verbose)
-    backbone_file = source.output_dir / "backbone.weights.h5"
-    if not backbone_file.is_file():
-        print(f"error: the source run wrote no {backbone_file}", file=sys.stderr)
-        return 1
-    print(f"      done in {source.seconds:.0f} s, run {source.run_id}; backbone saved to {backbone_file}",
-          flush=True)
+    if args.source_backbone:
+        backbone_file = args.source_backbone.expanduser().resolve()
+        if not backbone_file.is_file():
+            print(f"error: --source-backbone {backbone_file} does not exist", file=sys.stderr)
+            return 1
+        source = None
+        print(f"[1/{total}] source: reusing {backbone_file}", flush=True)
+    else:
+        print(f"[1/{total}] source: {args.backbone} from random weights on {len(args.source_kinds)} shape kinds, "
+              f"{args.source_epochs} epoch(s), lr {args.source_lr}, seed {args.source_seed} ...", flush=True)
+        train(source, work, common, log_dir, args.verbose)
+        backbone_file = source.output_dir / "backbone.weights.h5"
+        if not backbone_file.is_file():
+            print(f"error: the source run wrote no {backbone_file}", file=sys.stderr)
+            return 1
+        print(f"      done in {source.seconds:.0f} s, run {source.run_id}; backbone saved to {backbone_file}",
+              flush=True)
 
     target = [f"data.path={data['target_train']}", f"data.val_path={data['target_val']}",
               f"data.test_path={data['target_test']}", f"data.seed={args.seed}", f"trainer.seed={args.seed}",
@@ -319,13 +330,17 @@ def main(argv=None) -> int:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    for run in (source, *runs):
+    everything = [run for run in (source, *runs) if run is not None]
+    for run in everything:
         read_back(run, client)
-    failed = [r.name for r in (source, *runs) if r.status != "FINISHED"]
+    failed = [r.name for r in everything if r.status != "FINISHED"]
     experiment = client.get_experiment_by_name(args.experiment)
-    print(f"\nsource run: val acc {source.metrics.get('final_val_accuracy', float('nan')):.3f} on "
-          f"{len(args.source_kinds)} kinds ({args.source_epochs} epochs, seed {args.source_seed}, "
-          f"{source.seconds:.0f} s, run {source.run_id})")
+    if source is None:
+        print(f"\nsource: {backbone_file} (reused)")
+    else:
+        print(f"\nsource run: val acc {source.metrics.get('final_val_accuracy', float('nan')):.3f} on "
+              f"{len(args.source_kinds)} kinds ({args.source_epochs} epochs, seed {args.source_seed}, "
+              f"{source.seconds:.0f} s, run {source.run_id})")
     print(f"target: {len(args.target_kinds)} unseen kinds ({', '.join(args.target_kinds)}), {args.per_class} "
           f"training images each, {args.epochs} epochs, batch {args.batch_size}, seed {args.seed}, "
           f"{args.backbone} at {args.input_size} px\n")
