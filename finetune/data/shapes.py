@@ -200,6 +200,21 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     return t[..., None]
 
 
+def _with_lines(rng: np.random.Generator, bg: np.ndarray, s: int) -> np.ndarray:
+    """The background with 0-3 random distractor lines of random colour, opacity and width."""
+    from PIL import Image, ImageDraw
+
+    lines = Image.new("RGBA", (s, s), (0, 0, 0, 0))
+    ldraw = ImageDraw.Draw(lines)
+    for _ in range(int(rng.integers(0, 4))):
+        p = rng.uniform(0, s, 4)
+        colour = tuple(int(v) for v in rng.uniform(0, 255, 3)) + (int(rng.uniform(90, 200)),)
+        ldraw.line([(p[0], p[1]), (p[2], p[3])], fill=colour, width=int(rng.integers(1, max(2, s // 24) + 1)))
+    la = np.asarray(lines, dtype=np.float32)
+    alpha = la[..., 3:4] / 255.0
+    return bg * (1 - alpha) + la[..., :3] * alpha
+
+
 def render(kind: str, index: int, image_size: int, seed: int, textured: bool = False) -> np.ndarray:
     """Image `index` of class `kind` as uint8 HxWx3. Deterministic in its arguments.
 
@@ -241,16 +256,7 @@ def render(kind: str, index: int, image_size: int, seed: int, textured: bool = F
         draw.polygon(place(poly), fill=0)
     mask = np.asarray(mask.resize((s, s), Image.Resampling.LANCZOS), dtype=np.float32)[..., None] / 255.0
 
-    # Distractor lines (drawn before the shape, so they pass behind it).
-    lines = Image.new("RGBA", (s, s), (0, 0, 0, 0))
-    ldraw = ImageDraw.Draw(lines)
-    for _ in range(int(rng.integers(0, 4))):
-        p = rng.uniform(0, s, 4)
-        colour = tuple(int(v) for v in rng.uniform(0, 255, 3)) + (int(rng.uniform(90, 200)),)
-        ldraw.line([(p[0], p[1]), (p[2], p[3])], fill=colour, width=int(rng.integers(1, max(2, s // 24) + 1)))
-    la = np.asarray(lines, dtype=np.float32)
-    alpha = la[..., 3:4] / 255.0
-    img = bg * (1 - alpha) + la[..., :3] * alpha
+    img = _with_lines(rng, bg, s)  # drawn before the shape, so they pass behind it
 
     shade = rng.uniform(0.85, 1.0)  # slight shading variation inside the shape
     colour = np.asarray(fill, np.float32) * shade
