@@ -10,8 +10,12 @@ if [ ! -x "$repo/.venv/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$repo/.venv/bin/activate"
-if ! python -c "import finetune, pytest, xdist, tensorflow, mlflow, hydra" 2>/dev/null; then
-  echo "installing finetune and its dependencies into .venv (TensorFlow is ~600 MB; 1-3 minutes)"
+# FINETUNE_EXTRAS: the pyproject extras to install (scripts/test.sh asks for dev,hub,onnx: the suite tests
+# KerasHub backbones and ONNX export too); FINETUNE_IMPORTS: the modules whose absence means "install".
+extras="${FINETUNE_EXTRAS:-dev}"
+imports="${FINETUNE_IMPORTS:-finetune, pytest, xdist, tensorflow, mlflow, hydra}"
+if ! python -c "import $imports" 2>/dev/null; then
+  echo "installing finetune[$extras] and its dependencies into .venv (TensorFlow is ~600 MB; 1-3 minutes)"
   python -m pip install --quiet --upgrade pip
-  python -m pip install --quiet -e "$repo[dev]"
+  python -m pip install --quiet -e "$repo[$extras]"
 fi
