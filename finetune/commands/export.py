@@ -1,11 +1,11 @@
-"""`finetune export`: a trained model as .keras / SavedModel / TFLite, each loaded back and checked.
+"""`finetune export`: a trained model as .keras / SavedModel / TFLite / ONNX, each loaded back and checked.
 
-Every artifact is loaded back and run on the same check images as the Keras model. Float exports
-(keras, saved_model, tflite none/float16) must pick the same top-1 class on every check image (a
-near-tie in the Keras model, top two within `exporting.TIE_MARGIN`, is reported, not failed);
-quantized TFLite (dynamic, int8) reports its agreement and warns below 90%. The artifacts and
-`export_report.json` are logged to the model's MLflow run (under `export/`) or, for a model with
-no run, to a new run.
+Every artifact is loaded back and run on the same check images as the Keras model (ONNX with
+onnxruntime). Float exports (keras, saved_model, tflite none/float16, onnx) must pick the same top-1
+class on every check image (a near-tie in the Keras model, top two within `exporting.TIE_MARGIN`, is
+reported, not failed); quantized TFLite (dynamic, int8) reports its agreement and warns below 90%.
+The artifacts and `export_report.json` are logged to the model's MLflow run (under `export/`) or, for
+a model with no run, to a new run.
 """
 from __future__ import annotations
 
@@ -119,6 +119,9 @@ def _export_one(fmt, quantize, model, out: Path, written: dict, check, reference
     elif fmt == "saved_model":
         path = written["saved_model"] = exporting.write_saved_model(model, out / "saved_model")
         predict = exporting.saved_model_predictor(path)
+    elif fmt == "onnx":
+        path = exporting.write_onnx(model, out / "model.onnx")
+        predict = exporting.onnx_predictor(path)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             saved = written.get("saved_model")
@@ -136,7 +139,7 @@ def _export_one(fmt, quantize, model, out: Path, written: dict, check, reference
     row = {"format": name, "file": path.name + ("/" if path.is_dir() else ""), "path": str(path),
            "size_kb": exporting.size_bytes(path) / 1024, **result,
            "status": "FAILED" if failure else ("warning" if warning else "ok"), "seconds": round(seconds, 2)}
-    if fmt == "tflite":
+    if fmt in ("tflite", "onnx"):
         row["io"] = getattr(predict, "io", None)
     return row
 

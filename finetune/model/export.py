@@ -1,4 +1,4 @@
-"""Writing a trained model as .keras / SavedModel / TFLite, and checking each export against Keras.
+"""Writing a trained model as .keras / SavedModel / TFLite / ONNX, and checking each export against Keras.
 
 Every writer returns the path it wrote; every loader returns `predict(images) -> probabilities` for a
 float32 batch of raw 0..255 RGB images, so all formats are checked the same way by `compare`.
@@ -13,9 +13,19 @@ Choices:
   falling back to float ops), calibrated on training images; the model's input and output stay
   float32 (a quantize op at the entrance, a dequantize op at the exit), so every format is fed
   the same raw 0..255 float images and returns probabilities.
+- ONNX: Keras' own `model.export(path, format="onnx")`, which traces the model's call with
+  TensorFlow and converts it with tf2onnx (opset 15, its default; batch dimension left dynamic), run back
+  with onnxruntime. The input signature is passed explicitly: without it Keras refuses a loaded model
+  that has not been called yet ("The model provided has never called"). tf2onnx 1.17 predates numpy 2:
+  its one `np.product` is in `Node.get_value_attr`'s external-data branch, used only for models over
+  2 GB (`large_model`), which Keras' exporter never asks for; Keras patches that function anyway (and
+  defines `np.object = object` for the rest of the process). Measured on TF 2.21 / numpy 2.4: the
+  conversion also works with Keras' patch disabled. The packages are the `[onnx]` extra; without them
+  `validate_options` fails with one line before anything is loaded.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shutil
 import warnings
@@ -25,7 +35,9 @@ import numpy as np
 
 from finetune.errors import ConfigError, FinetuneError, did_you_mean
 
-FORMATS = ("keras", "saved_model", "tflite")
+FORMATS = ("keras", "saved_model", "tflite", "onnx")
+# format -> the packages it needs beyond finetune's own (import names), and the extra that installs them
+FORMAT_PACKAGES = {"onnx": ("tf2onnx", "onnx", "onnxruntime")}
 FLOAT_QUANTIZE = ("none", "float16")      # exports that must match Keras' top-1 on every check image
 WARN_AGREEMENT = 0.9                      # quantized exports below this top-1 agreement get a warning
 # Keras' top two probabilities closer than this are a near-tie: their order is within float noise,
@@ -54,6 +66,8 @@ def validate_options(export) -> tuple[list[str], str]:
                               "each one of " + ", ".join(FORMATS) + did_you_mean(name, FORMATS))
         if name not in chosen:
             chosen.append(name)
+    for name in chosen:
+        check_packages(name)
     quantize = str(choice(export.quantize))
     if quantize != "none" and "tflite" not in chosen:
         raise ConfigError("export.quantize", quantize, "none unless export.formats includes tflite "
@@ -63,6 +77,14 @@ def validate_options(export) -> tuple[list[str], str]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"export.{key}", value, "an integer >= 1")
     return chosen, quantize
+
+
+def check_packages(fmt: str) -> None:
+    """A one-line FinetuneError when a format's optional packages are not installed. No import happens."""
+    missing = [p for p in FORMAT_PACKAGES.get(fmt, ()) if importlib.util.find_spec(p) is None]
+    if missing:
+        raise FinetuneError(f"export.formats: {fmt} needs {', '.join(missing)}, not installed here; "
+                            f"install them with: pip install 'finetune[{fmt}]'")
 
 
 def tflite_name(quantize: str) -> str:
@@ -145,6 +167,27 @@ def write_tflite(saved_model_dir: Path, path: Path, quantize: str, representativ
     return path
 
 
+def write_onnx(model, path: Path) -> Path:
+    try:
+        import onnx  # noqa: F401  the ones Keras' exporter imports lazily, mid-conversion
+        import tf2onnx  # noqa: F401
+    except ImportError as error:  # installed (check_packages passed) but broken
+        raise FinetuneError(f"export.formats: onnx could not import {error.name or 'its packages'} ({error}); "
+                            "reinstall them with: pip install 'finetune[onnx]'") from None
+    loggers = [logging.getLogger(name) for name in ("tensorflow", "tf2onnx")]  # tf2onnx logs each pass at INFO
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # Keras' numpy 2 patch probes the removed np.object
+            model.export(str(path), format="onnx", verbose=False, input_signature=[model.inputs[0]])
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    return path
+
+
 # -- loaders: each returns predict(images) -> probabilities -------------------------------------------
 def keras_predictor(path: Path, safe_mode: bool = True):
     from finetune.model.load import load_model
@@ -211,6 +254,25 @@ def tflite_predictor(path: Path):
         return np.asarray(result, np.float32)
 
     predict.io = f"{np.dtype(inp['dtype']).name} -> {np.dtype(out['dtype']).name}"
+    return predict
+
+
+def onnx_predictor(path: Path):
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise FinetuneError(f"export.formats: onnx could not import onnxruntime ({error}); "
+                            "reinstall it with: pip install 'finetune[onnx]'") from None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (inp,), outputs = session.get_inputs(), session.get_outputs()
+    if len(outputs) != 1:
+        raise ExportCheckError(f"{path}: expected one output, got {[o.name for o in outputs]}")
+
+    def predict(images):
+        (result,) = session.run(None, {inp.name: np.asarray(images, np.float32)})
+        return np.asarray(result, np.float32)
+
+    predict.io = f"{inp.type} -> {outputs[0].type}"
     return predict
 
 
