@@ -43,7 +43,7 @@ def test_every_option_composes(group, option):
 
 
 def test_backbone_group_lists_every_registered_model():
-    assert options("backbone") == sorted(BACKBONES)
+    assert options("backbone") == sorted([*BACKBONES, "hub"])  # hub: KerasHub presets (tests/test_hub.py)
 
 
 def test_compose_and_validate_never_import_tensorflow():
@@ -119,7 +119,7 @@ def test_a_misspelt_choice_gets_did_you_mean():
     from finetune.app.hydra_app import precheck
 
     assert precheck("train", ["backbone.pooling=avgg"]) == (
-        "backbone.pooling: received 'avgg'; expected one of avg, max (did you mean 'avg'?)")
+        "backbone.pooling: received 'avgg'; expected one of avg, max, token (did you mean 'avg'?)")
     assert "(did you mean 'skip'?)" in precheck("train", ["data=folder", "data.path=/tmp", "data.on_bad_file=skp"])
 
 

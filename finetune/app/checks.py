@@ -17,7 +17,7 @@ from finetune.data.dataset import cfg_get, data_options
 from finetune.data.sources import source_of
 from finetune.data.tfds import dataset_name
 from finetune.errors import ConfigError
-from finetune.model.backbones import BackboneSpec, get_spec
+from finetune.model.backbones import BackboneSpec, spec_for
 
 WEIGHTS_SUFFIXES = (".h5", ".keras")
 # The split rule: val_split + test_split at most this, so that at least 10% of each class's images train.
@@ -26,7 +26,7 @@ MAX_HELD_OUT = 0.9
 
 def validate_train(cfg) -> BackboneSpec:
     """Raise ConfigError on the first problem; returns the backbone spec."""
-    spec = get_spec(cfg.backbone.name)
+    spec = spec_for(cfg.backbone)
     if cfg.data.source == "features":  # the backbone is the one the features were extracted with
         if cfg.trainer.stages:
             raise ConfigError("trainer.stages", "[...]", "no stages with data=features (no backbone trains)")
@@ -48,6 +48,11 @@ def check_backbone(cfg_backbone, spec: BackboneSpec, top_pooling: bool = True) -
     command refuses include_top=true itself, with its own message)."""
     shape = cfg_backbone.input_shape
     weights = cfg_backbone.weights
+    if spec.family == "hub":
+        return check_hub_backbone(cfg_backbone, spec)
+    if choice(cfg_backbone.pooling) == "token":
+        raise ConfigError("backbone.pooling", "token", "avg, max or null (token is for backbone=hub presets "
+                                                       "whose output is tokens, e.g. ViT)")
     if shape is not None:
         shape = list(shape)
         if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] != 3):
@@ -85,6 +90,31 @@ def check_backbone(cfg_backbone, spec: BackboneSpec, top_pooling: bool = True) -
                           "classifier is included: the output is the class probabilities)")
 
 
+def check_hub_backbone(cfg_backbone, spec: BackboneSpec) -> None:
+    """backbone=hub: preset weights, null or a file; no ImageNet classifier; a fixed-size preset's size."""
+    from finetune.model import hub
+
+    weights, shape = cfg_backbone.weights, cfg_backbone.input_shape
+    if cfg_backbone.include_top:
+        raise ConfigError("backbone.include_top", True, "false with backbone=hub (a KerasHub backbone has no "
+                                                        "classifier; train adds a head)")
+    if weights == "imagenet":
+        raise ConfigError("backbone.weights", weights, f"{hub.WEIGHTS} (the preset's own weights), null or a "
+                                                       "weights file, with backbone=hub")
+    if weights not in (None, hub.WEIGHTS) and not Path(str(weights)).expanduser().is_file():
+        raise ConfigError("backbone.weights", weights, f"{hub.WEIGHTS}, null, or the path of an existing "
+                                                       "weights file (backbone.weights.h5 from a hub run)")
+    if shape is not None:
+        shape = list(shape)
+        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] != 3) or min(shape[:2]) < spec.min_size:
+            raise ConfigError("backbone.input_shape", shape, f"[height, width] with each side >= {spec.min_size}")
+        if (spec.native_size_required_for_weights and weights == hub.WEIGHTS
+                and tuple(shape[:2]) != (spec.native_size, spec.native_size)):
+            raise ConfigError("backbone.input_shape", shape,
+                              f"null or [{spec.native_size}, {spec.native_size}]: the preset's weights are "
+                              "built for that image size (its position embeddings are fixed)")
+
+
 def check_head(cfg_head, cfg_backbone) -> None:
     kind = choice(cfg_head.name)
     if cfg_backbone.include_top:
@@ -104,6 +134,11 @@ def check_head(cfg_head, cfg_backbone) -> None:
 
 
 def check_freeze(cfg, spec: BackboneSpec) -> None:
+    """The freeze keys against the block map (a hub preset's blocks are known once it is built: train
+    checks again then, see finetune.train.run)."""
+    if not spec.blocks:
+        positive_int("freeze.every", cfg.freeze.every)
+        return
     blocks = len(spec.blocks)
     checks = [("freeze.n", choice(cfg.freeze.name), cfg.freeze.n)]
     checks += [(f"trainer.stages[{i}].n", choice(s.freeze) if s.freeze is not None else choice(cfg.freeze.name),
@@ -129,6 +164,14 @@ def check_freeze(cfg, spec: BackboneSpec) -> None:
         if policy == "last_n" and not 1 <= n <= blocks:
             raise ConfigError(key, n, f"1..{blocks}, the number of blocks in {spec.name}'s block map "
                                       f"({', '.join(spec.blocks)})")
+
+
+def check_freeze_built(cfg, parts) -> None:
+    """check_freeze once the block map exists, for a backbone whose blocks were not known before (hub)."""
+    if not parts.spec.blocks:
+        import dataclasses
+
+        check_freeze(cfg, dataclasses.replace(parts.spec, blocks=tuple(name for name, _ in parts.blocks)))
 
 
 def check_trainer(cfg_trainer, cfg_optimizer) -> None:
@@ -291,7 +334,7 @@ def positive_int(key: str, value) -> int:
 
 
 def check_extract(cfg) -> None:
-    check_backbone(cfg.backbone, get_spec(cfg.backbone.name))
+    check_backbone(cfg.backbone, spec_for(cfg.backbone))
     positive_int("extract.batch_size", cfg.extract.batch_size)
     if not cfg.images:
         check_data(cfg.data)
@@ -307,7 +350,7 @@ def check_export(cfg) -> None:
 
 
 def _check_classify(cfg) -> None:
-    check_classify(cfg, get_spec(cfg.backbone.name))
+    check_classify(cfg, spec_for(cfg.backbone))
 
 
 # what a command's required argument (MISSING in the schema) takes, for its one-line error
@@ -343,6 +386,9 @@ def validate_command(command: str, cfg) -> None:
 
 
 def check_classify(cfg, spec) -> None:
+    if spec.family == "hub":
+        raise ConfigError("backbone", "hub", "a keras.applications backbone for classify (its ImageNet "
+                                             "classifier labels the images); hub presets: train or extract")
     if not cfg.backbone.include_top:
         raise ConfigError("backbone.include_top", False,
                           "true for classify (the ImageNet classifier is what labels the images)")

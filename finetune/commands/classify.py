@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from finetune.model.backbones import get_spec
+from finetune.model.backbones import spec_for
 from finetune.errors import ConfigError
 from finetune.data.images import list_images
 from finetune.app.checks import check_classify
@@ -16,7 +16,7 @@ CLASS_INDEX_MD5 = "c2c37ea517e94d9795004a39431a14cb"  # the hash Keras checks
 
 
 def run(cfg, output_dir: Path) -> dict:
-    spec = get_spec(cfg.backbone.name)
+    spec = spec_for(cfg.backbone)
     check_classify(cfg, spec)
     images = list_images(cfg.images)
     class_index = load_class_index(cfg.classify.class_index)

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from finetune import files
-from finetune.model.backbones import get_spec
+from finetune.model.backbones import spec_for
 from finetune.config.schema import choice
 from finetune.features.extract import MANIFEST, feature_model, write_features
 from finetune.app.checks import check_backbone
 
 
 def run(cfg, output_dir: Path) -> dict:
-    spec = get_spec(cfg.backbone.name)
+    spec = spec_for(cfg.backbone)
     check_backbone(cfg.backbone, spec)
     from finetune.data import load_dataset
     from finetune.data.images import list_images
@@ -77,6 +77,7 @@ def extract(cfg, spec, dataset, images, out: Path) -> dict:
                           np.concatenate(labels).astype(np.int32), paths, splits)
     manifest = {
         "backbone": spec.name, "include_top": bool(cfg.backbone.include_top),
+        **({"preset": spec.preset} if spec.preset else {}),
         "pooling": choice(cfg.backbone.pooling), "layer": cfg.extract.layer or "<backbone output>",
         "input_shape": list(shape), "preprocess": spec.preprocess, "weights": weights or "random",
         "dataset": "images" if images else dataset.name,
@@ -85,9 +86,9 @@ def extract(cfg, spec, dataset, images, out: Path) -> dict:
         "format": choice(cfg.extract.format), "file": file.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if weights not in (None, "imagenet"):
+    if weights not in (None, "imagenet", "preset"):
         manifest["weights_sha256"] = hashlib.sha256(Path(weights).expanduser().read_bytes()).hexdigest()
-    if weights != "imagenet":  # random or local weights: keep the exact backbone beside its features
+    if weights not in ("imagenet", "preset"):  # random or local weights: keep the exact backbone beside its features
         files.save_weights(backbone, out / "backbone.weights.h5")
         manifest["backbone_weights_file"] = "backbone.weights.h5"
     files.write_text(out / MANIFEST, json.dumps(manifest, indent=1))

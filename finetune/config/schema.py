@@ -22,6 +22,7 @@ OBJECTIVE_METRIC = "final_val_accuracy"
 class Pooling(str, Enum):
     avg = "avg"
     max = "max"
+    token = "token"  # backbone=hub with a token output (ViT, DINOv2): the class token
 
 
 class FreezePolicy(str, Enum):
@@ -106,6 +107,8 @@ class BackboneConfig:
     input_shape: Optional[List[int]] = None
     include_top: bool = False
     pooling: Optional[Pooling] = Pooling.avg
+    # backbone=hub: a KerasHub preset name or a local preset folder (weights: preset | null | file)
+    preset: Optional[str] = None
 
 
 @dataclass

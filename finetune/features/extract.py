@@ -22,12 +22,18 @@ def feature_model(backbone, preprocess, input_shape, layer: str | None, flatten:
     import keras
 
     if layer:
+        from finetune.model.hub import inner_layer_model
+
         names = [item.name for item in backbone.layers]
-        if layer not in names:
+        inner = None if layer in names else inner_layer_model(backbone, layer)
+        if inner is not None:  # a layer inside a KerasHub backbone
+            backbone, layer = inner, None
+        elif layer not in names:
             from finetune.errors import did_you_mean
 
             raise ConfigError("extract.layer", layer, f"a layer of {backbone.name}{did_you_mean(layer, names)}")
-        backbone = keras.Model(backbone.inputs, backbone.get_layer(layer).output, name=f"{backbone.name}_{layer}")
+        if layer:
+            backbone = keras.Model(backbone.inputs, backbone.get_layer(layer).output, name=f"{backbone.name}_{layer}")
     inputs = keras.Input(shape=input_shape, name="image")
     x = backbone(preprocess(inputs), training=False)
     if flatten and len(x.shape) > 2:

@@ -39,6 +39,8 @@ def weights_source(cfg_backbone):
 
 
 def weights_error(spec: BackboneSpec, weights, error: Exception, include_top: bool = False) -> Exception:
+    if isinstance(error, ConfigError):  # already says what to do (e.g. a KerasHub preset that cannot load)
+        return error
     if weights == "imagenet" and ("URL fetch failure" in str(error) or "Errno" in str(error)):
         return ConfigError(
             "backbone.weights", "imagenet",
@@ -50,6 +52,10 @@ def weights_error(spec: BackboneSpec, weights, error: Exception, include_top: bo
         from finetune.model.backbones import WeightsLoadError
         from finetune.model.weights_file import mismatch, read
 
+        if isinstance(error, WeightsLoadError) and spec.family == "hub":
+            return ConfigError("backbone.weights", weights,
+                               f"a weights file saved from this preset with the same pooling ({spec.preset})",
+                               hint=f"loading failed: {str(error).splitlines()[0][:200]}")
         if isinstance(error, WeightsLoadError):
             try:
                 info = read(Path(weights).expanduser())

@@ -70,6 +70,7 @@ class BackboneSpec:
     native_size_required_for_weights: bool = False
     weight_sizes: tuple[int, ...] | None = None
     rules: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
+    preset: str | None = None  # backbone=hub: the KerasHub preset (finetune.model.hub)
 
 
 # ---------------------------------------------------------------- block rules per family
@@ -233,6 +234,16 @@ def get_spec(name: str) -> BackboneSpec:
         raise ConfigError("backbone", name, "one of " + ", ".join(options), hint=hint) from None
 
 
+def spec_for(cfg_backbone) -> BackboneSpec:
+    """The spec of a `backbone` group: a registered keras.applications backbone, or a KerasHub preset
+    (`backbone=hub`, read by finetune.model.hub without importing TensorFlow)."""
+    from finetune.model import hub
+
+    if cfg_backbone.name == hub.NAME:
+        return BackboneSpec(**hub.hub_spec(cfg_backbone))
+    return get_spec(cfg_backbone.name)
+
+
 def preprocess_mode(spec: BackboneSpec) -> str:
     """The `mode` of the model's keras `preprocess_input` ("none": model rescales inside)."""
     return spec.preprocess
@@ -247,11 +258,17 @@ def build_backbone(spec: BackboneSpec, *, weights, input_shape, include_top=Fals
     """
     import keras
 
-    constructor = getattr(keras.applications, spec.constructor)
-    is_path = weights is not None and weights != "imagenet"
-    model = constructor(weights=None if is_path else weights,
-                        input_shape=tuple(input_shape) if input_shape is not None else None,
-                        include_top=include_top, pooling=pooling, classes=classes)
+    is_path = weights not in (None, "imagenet", "preset")
+    if spec.family == "hub":
+        from finetune.model.hub import build_hub_backbone
+
+        model = build_hub_backbone(spec, weights=None if is_path else weights, input_shape=input_shape,
+                                   pooling=pooling)
+    else:
+        constructor = getattr(keras.applications, spec.constructor)
+        model = constructor(weights=None if is_path else weights,
+                            input_shape=tuple(input_shape) if input_shape is not None else None,
+                            include_top=include_top, pooling=pooling, classes=classes)
     if is_path:
         try:
             model.load_weights(str(weights))
@@ -341,7 +358,12 @@ def _block_ends(assigned: list[int | None], cuts: list[bool]) -> dict[int, int]:
 
 
 def block_map(spec: BackboneSpec, model) -> list[tuple[str, list]]:
-    """Ordered (block_name, layers) covering every layer of `model.layers` exactly once."""
+    """Ordered (block_name, layers) covering every layer of `model.layers` exactly once (a KerasHub
+    backbone: its own layers, see finetune.model.hub.block_map)."""
+    if spec.family == "hub":
+        from finetune.model.hub import block_map as hub_block_map
+
+        return hub_block_map(model)
     layers = model.layers
     index = {name: i for i, name in enumerate(spec.blocks)}
     assigned = []

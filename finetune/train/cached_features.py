@@ -34,7 +34,8 @@ def backbone_description(cfg, parts, keras_policy: str) -> dict:
     return {"name": parts.spec.name, "include_top": bool(cfg.backbone.include_top),
             "pooling": choice(cfg.backbone.pooling), "input_shape": list(parts.input_shape),
             "preprocess": parts.spec.preprocess, "weights": weights_digest(parts.backbone),
-            "layer": None, "keras": keras.__version__, "precision": keras_policy}
+            "layer": None, "keras": keras.__version__, "precision": keras_policy,
+            **({"preset": parts.spec.preset} if parts.spec.preset else {})}
 
 
 def cached_features(cfg, parts, dataset, images, keras_policy: str) -> dict:

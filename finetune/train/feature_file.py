@@ -2,6 +2,8 @@
 image model (the extraction backbone, layer and preprocessing, then the trained head)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +88,8 @@ class FeatureFile:
         import keras
 
         from finetune.features.extract import feature_model
-        from finetune.model.backbones import build_backbone, get_spec
+        from finetune.model.backbones import build_backbone, get_spec, spec_for
+        from finetune.model.hub import NAME
         from finetune.model.preprocessing import preprocessing
 
         m = self.manifest
@@ -96,7 +99,9 @@ class FeatureFile:
         elif weights == "random":
             raise DataError(f"data.path: '{self.folder}' has random-weight features but no backbone.weights.h5")
         shape = tuple(m["input_shape"])
-        backbone = build_backbone(get_spec(m["backbone"]), weights=weights, input_shape=shape,
+        hub_group = SimpleNamespace(name=NAME, preset=m.get("preset"))
+        spec = spec_for(hub_group) if m.get("preset") else get_spec(m["backbone"])
+        backbone = build_backbone(spec, weights=weights, input_shape=shape,
                                   include_top=m["include_top"], pooling=m["pooling"])
         layer = None if m["layer"] == "<backbone output>" else m["layer"]
         extractor = feature_model(backbone, preprocessing(m["preprocess"], name="preprocess"), shape, layer)
@@ -104,3 +109,4 @@ class FeatureFile:
         print(f"   reassembled {m['backbone']} ({m['layer']}) + head into one image model: "
               f"{model.count_params():,} parameters")
         return model, backbone
+

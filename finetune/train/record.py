@@ -28,11 +28,12 @@ class Setup:
 
 
 def weights_description(weights) -> str:
-    """random, imagenet, or the file with the start of its sha256 (the exact weights a run started from)."""
+    """random, imagenet, preset (a KerasHub preset's own), or the file with the start of its sha256 (the exact
+    weights a run started from)."""
     if weights is None:
         return "random"
-    if weights == "imagenet":
-        return "imagenet"
+    if weights in ("imagenet", "preset"):
+        return str(weights)
     digest = hashlib.sha256(Path(weights).expanduser().read_bytes()).hexdigest()[:16]
     return f"file:{Path(weights).expanduser().resolve()} sha256:{digest}"
 

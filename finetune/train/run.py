@@ -20,6 +20,7 @@ import keras
 from finetune.config.schema import choice
 from finetune.data.augment import mixes
 from finetune.model import batchnorm
+from finetune.app.checks import check_freeze_built
 from finetune.model.assemble import Parts, assemble, build_parts, input_shape_of, weights_source
 from finetune.model.freeze import apply_freeze, trained_batchnorm_layers, unfreeze_steps
 from finetune.train.cached_features import augmented_views, cached_features, head_on_features, uses_feature_cache
@@ -69,6 +70,7 @@ def train_on_images(cfg, spec, dataset, output_dir: Path, resume: dict | None = 
     with keras_session(cfg, spec) as compute:
         images = image_inputs(cfg, dataset, input_shape_of(cfg.backbone, spec))
         parts = build_parts(cfg.backbone, cfg.head, spec, len(dataset.class_names))
+        check_freeze_built(cfg, parts)
         run = Run(cfg, out, dataset, parts, images, compute, Progress.for_run(cfg, parts, out))
         run.train_counts = training_counts(dataset, images, needed=str(cfg.trainer.class_weight) == "balanced")
         run.class_weight = record_class_weight(cfg, run.classes, run.train_counts)
@@ -236,6 +238,7 @@ def range_test_only(cfg, spec, dataset, output_dir: Path) -> float:
     with keras_session(cfg, spec) as compute:
         images = image_inputs(cfg, dataset, input_shape_of(cfg.backbone, spec))
         parts = build_parts(cfg.backbone, cfg.head, spec, len(dataset.class_names))
+        check_freeze_built(cfg, parts)
         run = Run(cfg, out, dataset, parts, images, compute, Progress(parts))
         run.train_counts = training_counts(dataset, images, needed=str(cfg.trainer.class_weight) == "balanced")
         run.class_weight = record_class_weight(cfg, run.classes, run.train_counts)
