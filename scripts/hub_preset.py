@@ -49,6 +49,25 @@ def _densenet(m, size):
     return m.DenseNetBackbone(stackwise_num_repeats=[1, 1], growth_rate=8, image_shape=(None, None, 3))
 
 
+def _efficientnet(m, size):
+    return m.EfficientNetBackbone(stackwise_kernel_sizes=[3, 3], stackwise_num_repeats=[1, 2],
+                                  stackwise_input_filters=[8, 8], stackwise_output_filters=[8, 16],
+                                  stackwise_expansion_ratios=[1, 4], stackwise_squeeze_and_excite_ratios=[0.0, 0.25],
+                                  stackwise_strides=[1, 2], stackwise_block_types=["fused", "unfused"],
+                                  stackwise_force_input_filters=[0, 0], stackwise_nores_option=[False, False],
+                                  width_coefficient=1.0, depth_coefficient=1.0)
+
+
+def _mobilenet(m, size):
+    return m.MobileNetBackbone(stackwise_expansion=[[16], [32, 32]], stackwise_num_blocks=[1, 2],
+                               stackwise_num_filters=[[8], [16, 16]], stackwise_kernel_size=[[3], [3, 3]],
+                               stackwise_num_strides=[[2], [2, 1]], stackwise_se_ratio=[[None], [0.25, 0.25]],
+                               stackwise_activation=[["relu"], ["hard_swish", "hard_swish"]],
+                               stackwise_padding=[[1], [1, 1]], output_num_filters=32, depthwise_filters=8,
+                               depthwise_stride=2, depthwise_residual=False, last_layer_filter=32,
+                               squeeze_and_excite=0.5, input_num_filters=8, image_shape=(None, None, 3))
+
+
 # family -> (build(keras_hub.models, size), converter class, scale, offset): the scaling of the family's presets
 FAMILIES = {
     "resnet": (_resnet, "ResNetImageConverter", [1 / (255 * s) for s in (0.229, 0.224, 0.225)],
@@ -58,6 +77,8 @@ FAMILIES = {
     "dinov2": (_dinov2, "DINOV2ImageConverter", 1 / 255.0, None),
     "cspnet": (_cspnet, "CSPNetImageConverter", 1 / 255.0, None),
     "densenet": (_densenet, "DenseNetImageConverter", 1 / 255.0, None),
+    "efficientnet": (_efficientnet, "EfficientNetImageConverter", 1 / 255.0, None),
+    "mobilenet": (_mobilenet, "MobileNetImageConverter", 1 / 127.5, -1.0),
 }
 
 

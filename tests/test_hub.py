@@ -27,6 +27,8 @@ BLOCKS = {
     "dinov2": ["stem", "layers0", "layers1", "top"],
     "cspnet": ["stem", "stage0", "stage1", "top"],
     "densenet": ["stem", "stack1", "transition1", "stack2", "top"],
+    "efficientnet": ["stem", "block1", "block2", "top"],
+    "mobilenet": ["stem", "block0", "block1", "block2", "block3", "top"],
 }
 
 
