@@ -177,3 +177,19 @@ def test_extract_class_tokens_then_train_on_them(cli, mlflow_client, presets, tm
     (run,) = runs_of(mlflow_client, "hub_features")
     assert "model/model.keras" in artifact_paths(mlflow_client, run.info.run_id)
     assert "reassembled hub_vit" in trained.stdout
+
+
+def test_onnx_ops_tf2onnx_leaves_unconverted_are_found(tmp_path):
+    """tf2onnx 1.17 writes a ViT's exact GELU as a TensorFlow `Erfc` node that onnxruntime cannot load;
+    export then fails with one line (finetune.model.export.write_onnx) instead of onnxruntime's traceback."""
+    onnx = pytest.importorskip("onnx", reason="the [onnx] extra is not installed")
+    from onnx import TensorProto, helper
+
+    from finetune.model.export import unconverted_ops
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    nodes = [helper.make_node("Erfc", ["x"], ["e"]), helper.make_node("Relu", ["e"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
+    onnx.save(model, tmp_path / "m.onnx")
+    assert unconverted_ops(tmp_path / "m.onnx") == ["Erfc"]

@@ -185,7 +185,22 @@ def write_onnx(model, path: Path) -> Path:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+    unsupported = unconverted_ops(path)
+    if unsupported:  # tf2onnx logs them and writes the file anyway; onnxruntime then refuses to load it
+        path.unlink(missing_ok=True)
+        raise ExportCheckError(f"export.formats: onnx: tf2onnx could not convert the TensorFlow op(s) "
+                               f"{', '.join(unsupported)} (Erfc is the exact GELU of ViT/DINOv2 and other "
+                               "transformers); export keras, saved_model or tflite for this model")
     return path
+
+
+def unconverted_ops(path: Path) -> list[str]:
+    """Op types in the ONNX file that no ONNX operator set defines (TensorFlow ops tf2onnx left as they were)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return sorted({node.op_type for node in graph.node
+                   if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type)})
 
 
 # -- loaders: each returns predict(images) -> probabilities -------------------------------------------
