@@ -61,15 +61,24 @@ def best_first(rows: list[dict], metric: str) -> list[dict]:
     return sorted(rows, key=lambda row: (row[metric] is None, sign * (row[metric] or 0.0)))
 
 
+def param_key(key: str, runs) -> str:
+    """The param an override key landed in: the key itself, or for a config group choice (`head=mlp`) the
+    group's `name` param (`head.name`)."""
+    if any(key in r.data.params for r in runs) or not any(f"{key}.name" in r.data.params for r in runs):
+        return key
+    return f"{key}.name"
+
+
 def swept_params(runs) -> list[str]:
-    """A sweep's overridden keys (from each child's overrides tag), else the params that differ."""
+    """A sweep's overridden keys (from each child's overrides tag; group choices as `<group>.name`), else
+    the params that differ."""
     from finetune.tracking.scope import SWEEP_OVERRIDES_TAG
 
     keys: dict[str, None] = {}
     for r in runs:
         overrides = r.data.tags.get(SWEEP_OVERRIDES_TAG, r.data.tags.get("sweep_overrides", ""))  # (older runs)
         for token in overrides.split():
-            key = token.split("=", 1)[0].lstrip("+~")
+            key = param_key(token.split("=", 1)[0].lstrip("+~"), runs)
             if "=" in token and len({x.data.params.get(key) for x in runs}) > 1:
                 keys[key] = None
     if keys:
@@ -91,8 +100,33 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+# params whose values span decades: a log axis (also any positive numeric param spanning >= 100x)
+LOG_SCALE_PARAMS = ("lr", "learning_rate", "weight_decay", "lr_found")
+
+
+def numeric(values) -> list[float] | None:
+    """The values as floats when every one is a number, else None (a categorical parameter)."""
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+
+
+def axis_kind(column: str, values) -> str:
+    """'log', 'linear' or 'category': how a parameter's axis is drawn."""
+    numbers = numeric(values)
+    if numbers is None or not numbers:
+        return "category"
+    positive = min(numbers) > 0
+    if positive and (column.split(".")[-1] in LOG_SCALE_PARAMS or max(numbers) / min(numbers) >= 100):
+        return "log"
+    return "linear"
+
+
 def plot_metric(rows: list[dict], columns: list[str], metric: str, path: Path) -> None:
-    """The metric against each swept parameter (categorical axis), one panel per parameter."""
+    """The metric against each swept parameter, one panel per parameter: numeric parameters on a numeric
+    axis (learning rates and other multi-decade ones on a log axis), group choices and other text as
+    categories."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,9 +136,15 @@ def plot_metric(rows: list[dict], columns: list[str], metric: str, path: Path) -
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
     scored = [r for r in rows if r[metric] is not None]
     for ax, column in zip(axes[0], panels):
-        values = sorted({str(r.get(column)) for r in scored})
-        ax.scatter([values.index(str(r.get(column))) for r in scored], [r[metric] for r in scored])
-        ax.set_xticks(range(len(values)), values, rotation=30, ha="right")
+        points = [r for r in scored if r.get(column) is not None]
+        kind = axis_kind(column, [r.get(column) for r in points])
+        if kind == "category":
+            values = sorted({str(r.get(column)) for r in points})
+            ax.scatter([values.index(str(r.get(column))) for r in points], [r[metric] for r in points])
+            ax.set_xticks(range(len(values)), values, rotation=30, ha="right")
+        else:
+            ax.scatter(numeric(r.get(column) for r in points), [r[metric] for r in points])
+            ax.set_xscale(kind)
         ax.set_xlabel(column)
         ax.set_ylabel(metric)
     fig.tight_layout()
@@ -115,8 +155,17 @@ def plot_metric(rows: list[dict], columns: list[str], metric: str, path: Path) -
 def print_table(rows: list[dict], columns: list[str], metric: str) -> None:
     header = ["#", "run", "status", metric, *columns]
     lines = [[str(i + 1), r["run_name"] or r["run_id"][:8], r["status"],
-              "-" if r[metric] is None else f"{r[metric]:.4f}", *[str(r.get(c)) for c in columns]]
+              "-" if r[metric] is None else f"{r[metric]:.4f}", *[readable(r.get(c)) for c in columns]]
              for i, r in enumerate(rows)]
     widths = [max(len(x) for x in col) for col in zip(header, *lines)]
     for line in [header, *lines]:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
+
+
+def readable(value) -> str:
+    """A parameter as a person reads it: numbers to 4 significant digits (Optuna's 0.00123456789012345
+    becomes 0.001235), text as it is."""
+    number = numeric([value]) if value is not None else None
+    if number is None or str(value).strip().lower() in ("true", "false"):
+        return str(value)
+    return f"{number[0]:.4g}" if "." in str(value) or "e" in str(value).lower() else str(value)
