@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from pathlib import Path
 
 from finetune.model.backbones import spec_for
+from finetune.progress_bar import progress_bar
 from finetune.errors import ConfigError
 from finetune.data.images import list_images
 from finetune.app.checks import check_classify
@@ -80,18 +80,18 @@ def classify_images(cfg, spec, images: list[str], class_index) -> list[dict]:
     size = tuple(model.input_shape[1:3])
     top_k = min(int(cfg.classify.top_k), classes)
     batch_size = int(cfg.classify.batch_size)
-    rows, start = [], time.perf_counter()
-    for first in range(0, len(images), batch_size):
-        paths = images[first:first + batch_size]
-        batch = tf.stack([load_image(p, size) for p in paths])
-        probs = np.asarray(model.predict_on_batch(batch))
-        for path, p in zip(paths, probs):
-            for rank, k in enumerate(np.argsort(-p, kind="stable")[:top_k], start=1):
-                wnid, name = class_index[int(k)]
-                rows.append({"image": path, "rank": rank, "class": int(k), "wnid": wnid, "name": name,
-                             "probability": float(p[k])})
-        done = first + len(paths)
-        print(f"   classified {done}/{len(images)} images ({done / (time.perf_counter() - start):.1f} images/s)")
+    rows = []
+    with progress_bar(len(images), "classifying", "images") as bar:
+        for first in range(0, len(images), batch_size):
+            paths = images[first:first + batch_size]
+            batch = tf.stack([load_image(p, size) for p in paths])
+            probs = np.asarray(model.predict_on_batch(batch))
+            for path, p in zip(paths, probs):
+                for rank, k in enumerate(np.argsort(-p, kind="stable")[:top_k], start=1):
+                    wnid, name = class_index[int(k)]
+                    rows.append({"image": path, "rank": rank, "class": int(k), "wnid": wnid, "name": name,
+                                 "probability": float(p[k])})
+            bar.update(len(paths))
     return rows
 
 

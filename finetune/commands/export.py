@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.progress_bar import progress_bar
 from finetune.model import export as exporting
 from finetune.errors import ConfigError, DataError
 
@@ -45,9 +46,12 @@ def run(cfg, output_dir: Path) -> dict:
     reference = np.asarray(model.predict_on_batch(check), np.float32)  # what every export must reproduce
     rows, failures, warnings = [], [], []
     written: dict[str, Path] = {}
-    for fmt in sorted(formats, key=exporting.FORMATS.index):  # the SavedModel before the TFLite made from it
-        rows.append(_export_one(fmt, quantize if fmt == "tflite" else None, model, out, written, check,
-                                reference, calibration, failures, warnings, safe_mode))
+    with progress_bar(len(formats), "exporting and checking", "formats") as bar:
+        for fmt in sorted(formats, key=exporting.FORMATS.index):  # the SavedModel before the TFLite made from it
+            bar.set_postfix_str(fmt)
+            rows.append(_export_one(fmt, quantize if fmt == "tflite" else None, model, out, written, check,
+                                    reference, calibration, failures, warnings, safe_mode))
+            bar.update(1)
 
     label_map = out / "label_map.json"  # what a TFLite / Serving client needs to name the classes
     if label_map.resolve() != (bundle.model_path.parent / "label_map.json").resolve():

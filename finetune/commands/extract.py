@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from finetune import files
+from finetune.progress_bar import progress_bar
 from finetune.model.backbones import spec_for
 from finetune.config.schema import choice
 from finetune.features.extract import MANIFEST, feature_model, write_features
@@ -64,14 +64,13 @@ def extract(cfg, spec, dataset, images, out: Path) -> dict:
     batches = list(_batches(cfg, dataset, images, shape[:2]))
     total = sum(len(b[2]) for b in batches)
     features, labels, paths, splits = [], [], [], []
-    done, start = 0, time.perf_counter()
-    for split, (x, y), names in batches:
-        features.append(np.asarray(model.predict_on_batch(x)))
-        labels.append(np.asarray(y))
-        paths.extend(names)
-        splits.extend([split] * len(names))
-        done += len(names)
-        print(f"   {done}/{total} images ({done / (time.perf_counter() - start):.1f} images/s)", flush=True)
+    with progress_bar(total, "extracting features", "images") as bar:
+        for split, (x, y), names in batches:
+            features.append(np.asarray(model.predict_on_batch(x)))
+            labels.append(np.asarray(y))
+            paths.extend(names)
+            splits.extend([split] * len(names))
+            bar.update(len(names))
     vectors = np.concatenate(features).astype(np.float32)
     file = write_features(out / "features", choice(cfg.extract.format), vectors,
                           np.concatenate(labels).astype(np.int32), paths, splits)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +20,10 @@ import numpy as np
 from finetune.config.schema import choice
 from finetune.errors import ConfigError, DataError
 from finetune.app.checks import positive_int
+from finetune.progress_bar import progress_bar
 
 OUTPUT_SUFFIXES = (".csv", ".json")
 MAX_ROWS_SHOWN = 200        # the printed table stops here; the files hold every image
-PROGRESS_EVERY = 10         # batches between progress lines (only when there are more batches than that)
 
 
 def run(cfg, output_dir: Path) -> dict:
@@ -108,17 +107,15 @@ def predict_files(model, paths: list[str], image_size, batch_size: int, tta: str
           .batch(batch_size)
           .prefetch(tf.data.AUTOTUNE))
     num_batches = -(-len(paths) // batch_size)
-    iterator, out, done, start = iter(ds), [], 0, time.perf_counter()
-    for index in range(num_batches):
-        try:
-            images = next(iterator)
-        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
-            raise _bad_file(paths[index * batch_size:(index + 1) * batch_size], hw, error) from None
-        out.append(test_time.predict(model, images, tta, "predict.tta").astype(np.float32))
-        done += int(images.shape[0])
-        if num_batches > PROGRESS_EVERY and ((index + 1) % PROGRESS_EVERY == 0 or index + 1 == num_batches):
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            print(f"  {done}/{len(paths)} images  {rate:.1f} images/s", flush=True)
+    iterator, out = iter(ds), []
+    with progress_bar(len(paths), "predicting", "images") as bar:
+        for index in range(num_batches):
+            try:
+                images = next(iterator)
+            except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
+                raise _bad_file(paths[index * batch_size:(index + 1) * batch_size], hw, error) from None
+            out.append(test_time.predict(model, images, tta, "predict.tta").astype(np.float32))
+            bar.update(int(images.shape[0]))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

@@ -133,6 +133,9 @@ def _is_jpeg(path: str) -> bool:
     return path.lower().endswith((".jpg", ".jpeg"))
 
 
+SCAN_PROGRESS_FROM = 500  # files to check before the scan shows progress (fewer take well under a second)
+
+
 def scan_files(paths, workers: int | None = None, cache: "str | os.PathLike | None" = None) -> list[FileCheck]:
     """check_file for every path, in order, on a thread pool.
 
@@ -163,8 +166,13 @@ def scan_files(paths, workers: int | None = None, cache: "str | os.PathLike | No
     if len(todo) < 16:
         found.update((p, check(p)) for p in todo)
     else:
-        with ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1)) as pool:
-            found.update(zip(todo, pool.map(check, todo, chunksize=64)))
+        from finetune.progress_bar import progress_bar
+
+        with ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1)) as pool, \
+                progress_bar(len(todo), "checking image files", "files", min_total=SCAN_PROGRESS_FROM) as bar:
+            for path, verdict in zip(todo, pool.map(check, todo, chunksize=64)):
+                found[path] = verdict
+                bar.update(1)
     if cache and todo:
         entries = {p: [*stats[p], full, c.problem, c.detail, c.pillow] for p, c in found.items()
                    if stats[p] and c.problem != "unreadable"}
