@@ -10,8 +10,8 @@ if [ ! -x "$repo/.venv/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$repo/.venv/bin/activate"
-# FINETUNE_EXTRAS: the pyproject extras to install (scripts/test.sh asks for dev,hub,onnx: the suite tests
-# KerasHub backbones and ONNX export too); FINETUNE_IMPORTS: the modules whose absence means "install".
+# FINETUNE_EXTRAS: the pyproject extras to install (scripts/test.sh asks for dev,hub,onnx,server: the suite
+# tests KerasHub backbones, ONNX export and the team tracking server too); FINETUNE_IMPORTS: the modules whose absence means "install".
 extras="${FINETUNE_EXTRAS:-dev}"
 imports="${FINETUNE_IMPORTS:-finetune, pytest, xdist, tensorflow, mlflow, hydra}"
 if ! python -c "import $imports" 2>/dev/null; then

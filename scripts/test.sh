@@ -6,8 +6,8 @@
 # `--cov` (line coverage of finetune/, CLI subprocesses included).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export FINETUNE_EXTRAS="dev,hub,onnx"
-export FINETUNE_IMPORTS="finetune, pytest, xdist, tensorflow, mlflow, hydra, keras_hub, tf2onnx, onnxruntime"
+export FINETUNE_EXTRAS="dev,hub,onnx,server"
+export FINETUNE_IMPORTS="finetune, pytest, xdist, tensorflow, mlflow, hydra, keras_hub, tf2onnx, onnxruntime, flask_wtf, psycopg2"
 # shellcheck disable=SC1091
 . "$repo/scripts/setup_env.sh"
 cd "$repo"

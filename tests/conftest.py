@@ -64,7 +64,8 @@ class WarmCli:
     imported TensorFlow, Keras and MLflow once; a fresh interpreter where the environment differs in what
     is read at import time. One child at a time (the server waits for each)."""
 
-    CALL_TIME_KEYS = {"FINETUNE_CACHE_DIR"}  # read when a command runs, not when a module is imported
+    # read when a command runs (MLflow reads the login at each request), not when a module is imported
+    CALL_TIME_KEYS = {"FINETUNE_CACHE_DIR", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
 
     def __init__(self, folder: Path, env: dict):
         self.folder, self.env, self.server, self.calls, self.pending = folder, env, None, 0, b""

@@ -162,6 +162,27 @@ def test_rejected_calls_are_raised_not_journaled_and_local_stores_have_no_journa
     assert not local.remote and not outage.is_remote("/tmp/mlruns")
 
 
+@pytest.mark.parametrize("code,words", [("UNAUTHENTICATED", "refused the login of user 'ann'"),
+                                        ("PERMISSION_DENIED", "refused user 'ann' (PERMISSION_DENIED): it needs EDIT")])
+def test_a_login_refused_mid_run_is_one_line_not_journaled(tmp_path, monkeypatch, code, words):
+    """A password changed or a permission revoked while a run goes on: MLflow answers 401/403, which is the
+    server saying no, not the server being away. (The start-up case runs against a real basic-auth server
+    in tests/test_team_server.py.)"""
+    from finetune.errors import FinetuneError
+
+    class Refusing(FakeClient):
+        def log_batch(self, run_id, metrics=(), params=(), tags=()):
+            raise MlflowException("API request failed with error code 401", error_code=getattr(
+                __import__("mlflow.protos.databricks_pb2", fromlist=[code]), code))
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ann")
+    s = session(tmp_path, Refusing(), Clock())
+    with pytest.raises(FinetuneError) as info:
+        s.log_params({"lr": "0.1"})
+    assert words in str(info.value) and "\n" not in str(info.value)
+    assert not s.journal.path.exists() and not outage.is_outage(info.value.__context__ or info.value)
+
+
 def test_journal_survives_a_torn_line_and_is_picked_up_by_the_next_session(tmp_path):
     client, clock = FakeClient(), Clock()
     client.up = False

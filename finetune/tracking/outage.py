@@ -35,8 +35,10 @@ STARTUP_RETRIES = 2  # finding the experiment before the run: a server restartin
 # MLflow's limits per log_batch request
 BATCH_METRICS, BATCH_PARAMS, BATCH_TAGS = 1000, 100, 100
 # MLflow error codes that are the caller's fault, not an outage: replaying them later would fail again
+# A server that refuses the login (401) or this user (403) is up: it must not read as an outage
+AUTH_ERRORS = {"UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "PERMISSION_DENIED"}
 CLIENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-                 "BAD_REQUEST", "INVALID_STATE", "MALFORMED_REQUEST"}
+                 "BAD_REQUEST", "INVALID_STATE", "MALFORMED_REQUEST", *AUTH_ERRORS}
 
 
 def is_remote(uri: str | None) -> bool:
@@ -49,6 +51,23 @@ def is_outage(error: BaseException) -> bool:
     if isinstance(error, (FileNotFoundError, IsADirectoryError, TypeError, ValueError, KeyError)):
         return False
     return getattr(error, "error_code", None) not in CLIENT_ERRORS
+
+
+def refused(uri: str, error: BaseException):
+    """A FinetuneError line for a server that refused the login or this user, else None."""
+    from finetune.errors import FinetuneError
+
+    code = getattr(error, "error_code", None)
+    if code not in AUTH_ERRORS:
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if code == "PERMISSION_DENIED":
+        return FinetuneError(f"tracking.uri: the tracking server {uri} refused user {user!r} ({code}): it needs EDIT "
+                             "permission on the experiment (an admin grants it: scripts/tracking_server.sh add-user "
+                             "... --experiment NAME), or use an experiment of its own (tracking.experiment=...)")
+    who = f"the login of user {user!r}" if user else "a client without a login"
+    return FinetuneError(f"tracking.uri: the tracking server {uri} refused {who} ({code}): set "
+                         "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account on it")
 
 
 def _timeout_s() -> int:
@@ -215,6 +234,9 @@ class Session:
             try:
                 return self._timed(send, entry)
             except Exception as error:  # noqa: BLE001 - an outage is journaled, anything else raised
+                refusal = refused(self.uri, error)
+                if refusal is not None:  # a password changed or a permission revoked mid-run: say so
+                    raise refusal from None
                 if not is_outage(error):
                     raise
                 self.journal.append(entry)

@@ -59,6 +59,9 @@ def startup_call(uri: str, function, *args, **kwargs):
         with outage.bounded_http(retries=outage.STARTUP_RETRIES):
             return function(*args, **kwargs)
     except Exception as error:  # noqa: BLE001
+        refusal = outage.refused(uri, error)
+        if refusal is not None:
+            raise refusal from None
         if not outage.is_outage(error):
             raise
         raise FinetuneError(f"tracking.uri: the tracking server {uri} is unreachable "
@@ -163,6 +166,9 @@ def log_artifact(local_path, artifact_path: str | None = None) -> None:
 def ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
     """How to look at the run: `mlflow ui` on this store, bound to the loopback interface only (the UI has
     no authentication: on 0.0.0.0 anyone on the network could read and delete runs), and the run's page."""
+    if uri.lower().startswith(("http://", "https://")):  # a tracking server serves the UI itself
+        base = uri.rstrip("/")
+        return f"open {base}/#/experiments/{experiment_id}/runs/{run_id} (all runs: {base}/#/experiments/{experiment_id}/runs)"
     store = f" --backend-store-uri {uri}" if uri.startswith("sqlite:") else ""
     return (f"mlflow ui --host 127.0.0.1{store}   then open "
             f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
