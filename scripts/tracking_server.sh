@@ -11,9 +11,10 @@
 #
 # - PostgreSQL (Debian's `postgresql` package; scripts/install_postgres.sh) runs a cluster of its own in
 #   DIR/pg, listening on 127.0.0.1:PG_PORT only. `initdb` refuses to run as root, so as root the cluster
-#   belongs to the `postgres` user (runuser); otherwise to you. Two databases: `mlflow` (runs, metrics,
+#   belongs to the `postgres` user (runuser); otherwise to you. Databases: `mlflow` (runs, metrics,
 #   the model registry) and `mlflow_auth` (users and permissions), owned by a role `mlflow` whose password
-#   is generated into DIR/pg_password.
+#   is generated into DIR/pg_password. A third, `optuna`, holds Optuna studies several sweep processes share:
+#   hydra.sweeper.storage=postgresql+psycopg2://mlflow:$(cat DIR/pg_password)@127.0.0.1:PG_PORT/optuna
 # - MLflow (`pip install 'finetune[server]'`: mlflow[auth] + psycopg2) serves on 127.0.0.1:PORT with
 #   `--app-name basic-auth`; artifacts go to DIR/artifacts and are served through the server
 #   (--serve-artifacts), so clients need no access to that folder. The Flask secret key comes from
@@ -65,6 +66,7 @@ start_postgres() {
     psql_owner "CREATE ROLE mlflow LOGIN PASSWORD '$(cat "$dir/pg_password")'"
     psql_owner "CREATE DATABASE mlflow OWNER mlflow"
     psql_owner "CREATE DATABASE mlflow_auth OWNER mlflow"
+    psql_owner "CREATE DATABASE optuna OWNER mlflow"
     as_owner touch "$dir/pg/.finetune_ready"
   fi
 }

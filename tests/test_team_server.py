@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY, TINY_SHAPES, one_error_line
+from tests.conftest import REPO, TINY_SHAPES, cli_command, cli_env, one_error_line
 from tests.test_sweep import assert_parent_and_children
 
 pytestmark = pytest.mark.slow
@@ -126,3 +126,45 @@ def test_the_outage_journal_replays_into_the_server_after_a_restart(start_cli, t
     team_server.start()
     run, _ = replayed_without_loss(team_server.port, outcome)
     assert run.data.tags["finetune.command"] == "train"
+
+
+def test_two_sweep_processes_share_one_optuna_study_on_postgresql(cache_dir, team_server, login, tmp_path):
+    """Optuna's distributed mode: two `finetune train -m` processes on one study in PostgreSQL, started
+    together (as SLURM array tasks would be). The budget is met exactly, no parameter set runs twice, there
+    is one MLflow parent, and the database password is recorded nowhere."""
+    import optuna
+    from mlflow import MlflowClient
+
+    from tests.conftest import sweep_runs
+
+    secret = (team_server.dir / "pg_password").read_text().strip()
+    storage = f"postgresql+psycopg2://mlflow:{secret}@127.0.0.1:{team_server.pg_port}/optuna"
+    args = ["train", "-m", "hparams_search=head_optuna", *CHEAP, "hydra.sweeper.n_trials=4",
+            "hydra.sweeper.study_name=shared", f"hydra.sweeper.storage={storage}", "trainer.isolate_sweep_jobs=false",
+            f"tracking.uri={team_server.uri}", f"tracking.experiment={EXPERIMENT}_shared"]
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        folder.mkdir()
+    # two real interpreters (the warm one forks one command at a time)
+    processes = [subprocess.Popen(cli_command(args), cwd=folder, env=cli_env(cache_dir), text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for folder in folders]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (stdout, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+        assert secret not in stdout + stderr
+
+    study = optuna.load_study(study_name="shared", storage=storage)
+    ran = [t for t in study.trials if not t.user_attrs.get("duplicate_of")]
+    assert [t.state.name for t in ran] == ["COMPLETE"] * 4
+    assert len({tuple(sorted(t.params.items())) for t in ran}) == 4
+    assert len({t.user_attrs["sweep_pid"] for t in ran}) == 2  # both processes ran trials
+
+    client = MlflowClient(tracking_uri=team_server.uri)
+    parents, children = sweep_runs(client, f"{EXPERIMENT}_shared")
+    assert len(parents) == 1 and len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.info.status for c in children} == {"FINISHED"}
+    for run in [*parents, *children]:
+        recorded = " ".join([*run.data.params.values(), *run.data.tags.values()])
+        assert secret not in recorded
+    assert "mlflow:***@" in parents[0].data.tags["optuna.study"]

@@ -310,7 +310,7 @@ def test_scope_records_through_the_session_and_ends_finished(local_store, tmp_pa
     assert got.info.status == "FINISHED" and got.info.run_name == "named"
     assert got.data.tags["finetune.command"] == "classify" and got.data.tags["team"] == "vision"
     assert got.data.tags["finetune.process_id"] == str(os.getpid())
-    assert scope_tags(got.data.tags) == {"finetune.command", "finetune.process_id"}
+    assert scope_tags(got.data.tags) == {"finetune.command", "finetune.process_id", "finetune.host"}
     assert got.data.params["backbone"] == "mobilenet_v2" and len(got.data.params["long"]) == 6000
     assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "loss")] == [(3, 0.5)]
     assert [a.path for a in client.list_artifacts(run.run_id, "classify")] == ["classify/table.csv"]
@@ -330,7 +330,7 @@ def test_scope_ends_failed_with_the_error_tag(local_store, tmp_path):
     got = client.get_run(run.run_id)
     assert got.info.status == "FAILED" and got.data.tags["error"] == "ValueError: bad pixel"
     assert got.data.params["layer"] == "block_1" and mlflow.active_run() is None
-    assert scope_tags(got.data.tags) == {"finetune.command", "finetune.process_id", "error"}
+    assert scope_tags(got.data.tags) == {"finetune.command", "finetune.process_id", "finetune.host", "error"}
 
 
 @pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.sweep.shared_study import tell  # noqa: F401 - the sweeper calls it as optuna_study.tell
 from finetune.tracking.store import RUN_ID_FILE
 
 INTERRUPTED = "interrupted"  # trial user attribute: the sweep stopped while this trial ran
@@ -148,7 +149,9 @@ def open_study(study_name: str, storage: str | None, direction: str, sampler_nam
             existing = len(optuna.load_study(study_name=study_name, storage=storage).trials)
         except KeyError:  # no such study yet
             existing = 0
-    sampler = make_sampler(sampler_name, seed, distributions, existing)
+    from finetune.sweep.shared_study import worker_offset
+
+    sampler = make_sampler(sampler_name, seed, distributions, existing + worker_offset(storage))
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
                                 direction=direction, load_if_exists=True)
     return study, existing
@@ -156,10 +159,14 @@ def open_study(study_name: str, storage: str | None, direction: str, sampler_nam
 
 def recover_interrupted(study) -> list[int]:
     """Trials a killed sweep left RUNNING: mark them failed (interrupted) and queue their parameters
-    to run again. Only one sweep process may work on a study at a time. Returns their numbers."""
+    to run again. Trials that other live sweep processes are running are theirs (finetune.sweep.shared_study).
+    Returns their numbers."""
     import optuna
 
-    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    from finetune.sweep.shared_study import owner_gone
+
+    stale = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+             if owner_gone(t)]
     for trial in stale:
         mark_interrupted(study, trial)
     return [trial.number for trial in stale]
@@ -173,20 +180,14 @@ def mark_interrupted(study, trial) -> None:
     study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
 
 
-def tell(study, trial, *args, **kwargs) -> None:
-    """study.tell, where the grid sampler's "grid exhausted" signal is not an error: it calls
-    study.stop(), which raises outside study.optimize, after the result is stored."""
-    try:
-        study.tell(trial, *args, **kwargs)
-    except RuntimeError as error:
-        if "Study.stop" not in str(error):
-            raise
-
-
 def trials_done(study) -> int:
-    """Finished trials that count against the budget (interrupted ones are run again, so don't)."""
+    """Finished trials that count against the budget (interrupted ones are run again, and proposals set
+    aside as duplicates never ran, so neither counts)."""
+    from finetune.sweep.shared_study import DUPLICATE_OF
+
     return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state.name in FINISHED_STATES and not t.user_attrs.get(INTERRUPTED))
+               if t.state.name in FINISHED_STATES and not t.user_attrs.get(INTERRUPTED)
+               and t.user_attrs.get(DUPLICATE_OF) is None)
 
 
 def job_error(job_return) -> str | None:

@@ -46,6 +46,27 @@ def _client(config: DictConfig):
     return MlflowClient(tracking_uri=tracking.tracking_uri(config.tracking)), experiment_id
 
 
+def process_gone(tags: dict) -> bool:
+    """A RUNNING child whose process is gone (on this host; unknown host or pid: gone, as before)."""
+    import os
+    import socket
+
+    from finetune.tracking.scope import HOST_TAG, PROCESS_TAG
+
+    host, pid = tags.get(HOST_TAG), tags.get(PROCESS_TAG, "")
+    if host is None or not pid.isdigit():
+        return True
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return int(pid) == os.getpid()
+
+
 def continues_after_failures(config: DictConfig) -> bool:
     return str(config.hydra.sweeper.get("_target_", "")).startswith(OPTUNA_SWEEPER)
 
@@ -56,8 +77,9 @@ def study_key(config: DictConfig) -> str | None:
     if not continues_after_failures(config) or not sweeper.get("storage"):
         return None
     from finetune.sweep.optuna_study import storage_url
+    from finetune.sweep.shared_study import redact
 
-    return f"{storage_url(str(sweeper.storage))}#{sweeper.study_name}"
+    return f"{redact(storage_url(str(sweeper.storage)))}#{sweeper.study_name}"
 
 
 def end_parent(config: DictConfig, status: str, reason: str | None = None) -> None:
@@ -77,23 +99,29 @@ class MlflowSweepCallback(Callback):
         overrides = " ".join(OmegaConf.to_container(config.hydra.overrides.task))[:5000]
         key = study_key(config)
         resumed = self._resumable_parent(client, experiment_id, key) if key else None
-        if resumed:
-            parent = _parent(config, resumed.info.run_id, running=True)
-            parent.set_tags({"resumed_in": str(sweep_dir.resolve()), "resumed_overrides": overrides})
-            for child in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}' "
-                                            "and attributes.status = 'RUNNING'"):
+        if not resumed:
+            parent = self._new_parent(config, sweep_dir, overrides, key)
+            first = self._resumable_parent(client, experiment_id, key, oldest=True) if key else None
+            if first is None or first.info.run_id == parent.run_id:
+                print(f"[finetune] MLflow parent run for this sweep: {parent.run_id}")
+                parent.end(None)  # sends what an outage held back; the parent stays RUNNING until the sweep ends
+                return
+            client.delete_run(parent.run_id)  # another process on this study made its parent first: join it
+            resumed = first
+        parent = _parent(config, resumed.info.run_id, running=True)
+        parent.set_tags({"resumed_in": str(sweep_dir.resolve()), "resumed_overrides": overrides})
+        for child in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}' "
+                                        "and attributes.status = 'RUNNING'"):
+            if process_gone(child.data.tags):  # children of other live sweep processes go on
                 client.set_tag(child.info.run_id, "error", "interrupted: the sweep process stopped")
                 client.set_terminated(child.info.run_id, status="KILLED")
-            print(f"[finetune] resuming study {key.rsplit('#', 1)[1]!r}; MLflow parent run: {parent.run_id}")
-        else:
-            parent = self._new_parent(config, sweep_dir, overrides, key)
-            print(f"[finetune] MLflow parent run for this sweep: {parent.run_id}")
+        print(f"[finetune] resuming study {key.rsplit('#', 1)[1]!r}; MLflow parent run: {parent.run_id}")
         parent.end(None)  # sends what an outage held back; the parent stays RUNNING until the sweep ends
 
     @staticmethod
-    def _resumable_parent(client, experiment_id: str, key: str):
+    def _resumable_parent(client, experiment_id: str, key: str, oldest: bool = False):
         found = client.search_runs([experiment_id], f"tags.`{STUDY_TAG}` = '{key}'",
-                                   order_by=["attributes.start_time DESC"], max_results=1)
+                                   order_by=[f"attributes.start_time {'ASC' if oldest else 'DESC'}"], max_results=1)
         return found[0] if found else None
 
     @staticmethod
@@ -101,7 +129,11 @@ class MlflowSweepCallback(Callback):
         from finetune.tracking.scope import open_sweep_parent
         from finetune.tracking.store import flatten
 
+        from finetune.sweep.shared_study import redact
+
         sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=True, enum_to_str=True)
+        if sweeper.get("storage"):
+            sweeper["storage"] = redact(str(sweeper["storage"]))
         launcher = OmegaConf.to_container(config.hydra.launcher, resolve=True, enum_to_str=True)
         tags = {"sweep_dir": str(sweep_dir.resolve()), "sweeper": str(sweeper.pop("_target_", "")),
                 "launcher": str(launcher.get("_target_", ""))}

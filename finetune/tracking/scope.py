@@ -17,7 +17,7 @@ The scope owns a command's whole MLflow lifecycle, so that a command only says w
 
 Tag scheme (the README lists it too):
 - `finetune.<key>`: where a run comes from, written by this scope only: `finetune.command`,
-  `finetune.process_id`, `finetune.sweep` (`parent` or `child`), `finetune.sweep_job`,
+  `finetune.process_id`, `finetune.host`, `finetune.sweep` (`parent` or `child`), `finetune.sweep_job`,
   `finetune.sweep_overrides`, `finetune.model_ref` and `finetune.model_run_id` (evaluate, export).
   MLflow's own `mlflow.parentRunId` nests a child under its sweep's parent.
 - `error`: why the run ended FAILED or KILLED. A command that only adds to another command's run tags a
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from finetune.tracking.journal import JOURNAL_NAME, Journal
 from finetune.tracking.store import (MAX_PARAM_KEY, RUN_ID_FILE, param_value, startup_call, tracking_uri,
                                      use_experiment)
 
-COMMAND_TAG, PROCESS_TAG = "finetune.command", "finetune.process_id"
+COMMAND_TAG, PROCESS_TAG, HOST_TAG = "finetune.command", "finetune.process_id", "finetune.host"
 SWEEP_TAG, SWEEP_JOB_TAG, SWEEP_OVERRIDES_TAG = "finetune.sweep", "finetune.sweep_job", "finetune.sweep_overrides"
 MODEL_REF_TAG, MODEL_RUN_TAG = "finetune.model_ref", "finetune.model_run_id"
 ERROR_TAG = "error"
@@ -139,7 +140,7 @@ def open_run(cfg, command: str, *, output_dir, run_name: str | None = None, tags
     if resume_run_id:
         started = startup_call(uri, mlflow.start_run, run_id=resume_run_id)
         scoped = _scoped(command, uri, started.info.run_id, started.info.experiment_id, output_dir)
-        scoped.set_tags({PROCESS_TAG: os.getpid()})
+        scoped.set_tags({PROCESS_TAG: os.getpid(), HOST_TAG: socket.gethostname()})
         return scoped
     sweep = sweep_child_tags()
     name = cfg.tracking.run_name or (f"job {sweep[SWEEP_JOB_TAG]}" if sweep else run_name)
@@ -151,7 +152,8 @@ def open_run(cfg, command: str, *, output_dir, run_name: str | None = None, tags
 def run_tags(cfg, command: str, extra: dict) -> dict:
     """A new run's tags: the user's tracking.tags, then the scope's own (which a user tag cannot replace)."""
     return {**{str(k): str(v) for k, v in dict(cfg.tracking.tags or {}).items()}, COMMAND_TAG: command,
-            PROCESS_TAG: str(os.getpid()), **{k: str(v)[:MAX_TAG] for k, v in extra.items()}}
+            PROCESS_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(),
+            **{k: str(v)[:MAX_TAG] for k, v in extra.items()}}
 
 
 def _scoped(command: str, uri: str, run_id: str, experiment_id: str, output_dir, owned: bool = True,

@@ -3,18 +3,23 @@
 Chosen over the published hydra-optuna-sweeper, which pins optuna<3 (and so cannot share an
 environment with MLflow 3's SQLAlchemy 2), restarts its trial budget on every run and leaves trials of a
 killed sweep RUNNING for ever. Here a failed job is a failed trial and the sweep goes on; the study
-resumes from its storage. The logic is in finetune.sweep.optuna_study.
+resumes from its storage. Several sweep processes may share one study on a database storage
+(finetune.sweep.shared_study). The logic is in finetune.sweep.optuna_study.
 """
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.sweep.shared_study import ask_unique, redact, running_elsewhere
+
 log = logging.getLogger(__name__)
+WAIT_FOR_OTHERS_S = 2.0  # between looks at a shared study whose remaining trials other processes run
 
 
 class FinetuneOptunaSweeper(Sweeper):
@@ -67,12 +72,17 @@ class FinetuneOptunaSweeper(Sweeper):
                                          self.seed, space.distributions)
         interrupted = osw.recover_interrupted(study)
         done = osw.trials_done(study)
-        print(f"[finetune] Optuna study {self.study_name!r} ({self.storage or 'in memory'}): "
+        print(f"[finetune] Optuna study {self.study_name!r} ({redact(self.storage) or 'in memory'}): "
               f"{done} of {n_trials} trials done"
               + (f"; re-running interrupted trial(s) {interrupted}" if interrupted else ""))
         failures_in_a_row = 0
         while done < n_trials:
-            batch = [study.ask(space.distributions) for _ in range(min(self.n_jobs, n_trials - done))]
+            free = min(self.n_jobs, n_trials - done - running_elsewhere(study))
+            if free <= 0:  # the rest of the budget is running in other sweep processes on this study
+                time.sleep(WAIT_FOR_OTHERS_S)
+                done = osw.trials_done(study)
+                continue
+            batch = [ask_unique(study, space.distributions) for _ in range(free)]
             overrides = [[*space.fixed, *(osw.override_of(k, v) for k, v in trial.params.items())]
                          for trial in batch]
             try:
@@ -128,7 +138,7 @@ class FinetuneOptunaSweeper(Sweeper):
         complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         failed = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
                   if not t.user_attrs.get("interrupted")]
-        result = {"name": "finetune_optuna", "study_name": self.study_name, "storage": self.storage,
+        result = {"name": "finetune_optuna", "study_name": self.study_name, "storage": redact(self.storage),
                   "direction": self.direction, "trials_complete": len(complete), "trials_failed": len(failed)}
         if complete:
             best = study.best_trial
