@@ -179,3 +179,18 @@ def test_help_and_cfg_job_never_import_tensorflow(tmp_path):
         done = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True)
         assert "tensorflow was imported" not in done.stderr, args
         assert done.returncode in (0, 2) and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_dry_run_shows_the_seed_model_and_creates_no_run(cli, tmp_path):
+    """trainer.dry_run=true on the seed's VGG16 300x300 Flatten model: summary, freeze plan, the parameter
+    counts (57,193,290 in all), data per split and class, the feature cache state and an epoch estimate;
+    no MLflow store or run appears."""
+    result = cli("train", "experiment=seed_vgg16_flatten", "backbone.weights=null", "trainer.dry_run=true",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "parameters: 57,193,290 total, 42,478,602 trainable, 14,714,688 frozen" in out
+    assert "freeze plan, stage 1 of 1" in out and "block5  frozen" in out and "Total params: 57,193,290" in out
+    assert "train   1,259 images: 0 124, 1 128" in out
+    assert "feature cache: train miss" in out and "estimated time per epoch:" in out
+    assert not (tmp_path / "mlflow.db").exists() and not list(tmp_path.rglob("model.keras"))

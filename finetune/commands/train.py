@@ -21,6 +21,10 @@ def run(cfg, output_dir: Path) -> dict:
 
     in_sweep = bool(sweep_child_tags())
     prepared = None if in_sweep else prepare(cfg)
+    if cfg.trainer.dry_run:  # what the run would do: no MLflow run, nothing trained or written
+        from finetune.train.dry_run import dry_run
+
+        return dry_run(cfg, *(prepared or prepare(cfg)))
     key = checkpoint.config_hash(cfg)
     previous = find_interrupted(cfg, key, in_sweep=in_sweep)
     if previous:

@@ -301,6 +301,8 @@ class EarlyStoppingConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = 5
+    # print the model, freeze plan, data sizes, feature-cache state and an epoch-time estimate; no run
+    dry_run: bool = False
     batch_size: int = 32
     seed: int = 0
     # empty: one stage of `epochs` with the `freeze` group; else the listed stages in order
