@@ -120,7 +120,7 @@ def test_config_errors_name_the_key_before_tensorflow(presets, overrides, key):
 @pytest.mark.slow
 def test_named_preset_offline_is_one_line_with_the_way_out(cli):
     result = cli("train", *HUB, *SHAPES, "backbone.preset=resnet_18_imagenet", "trainer.epochs=1",
-                 env={"KAGGLE_HUB_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+                 env={"KAGGLE_HUB_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}, experiment="hub_offline")
     line = one_error_line(result)
     assert line.startswith("error: backbone.preset: received 'resnet_18_imagenet'") and "save_to_preset" in line
 
@@ -143,7 +143,8 @@ def test_train_gradual_export_and_load_with_plain_keras(cli, mlflow_client, pres
     assert run.data.params["backbone.preset"] == str(presets / "resnet_tiny")
     model_path = next(line.split()[-1] for line in result.stdout.splitlines() if line.strip().startswith("model "))
 
-    exported = cli("export", f"model={model_path}", "export.formats=[keras,tflite]", "export.check_samples=8")
+    exported = cli("export", f"model={model_path}", "export.formats=[keras,tflite]", "export.check_samples=8",
+                   experiment="hub_gradual")
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert exported.stdout.count(" ok") >= 2, exported.stdout
 
@@ -166,7 +167,7 @@ def test_extract_class_tokens_then_train_on_them(cli, mlflow_client, presets, tm
     it, and get back one image model (backbone rebuilt from the preset + the head)."""
     out = tmp_path / "features"
     result = cli("extract", *HUB[:2], f"backbone.preset={presets / 'vit'}", "backbone.pooling=token",
-                 *SHAPES, f"extract.output={out}")
+                 *SHAPES, f"extract.output={out}", experiment="hub_extract")
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["feature_dim"] == 16 and manifest["preset"] == str(presets / "vit")
