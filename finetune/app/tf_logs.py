@@ -118,18 +118,23 @@ def filtered_stderr(level: int = DEFAULT_LEVEL):
 class _QuietLoader(importlib.abc.Loader):
     """tensorflow's own loader, run inside filtered_stderr; its devices are listed there too."""
 
-    def __init__(self, loader, level: int):
-        self.loader, self.level = loader, level
+    def __init__(self, loader, level: int | None):
+        self.loader, self.level = loader, level  # level None: nothing filtered (the user asked for the lines)
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
         try:
-            with filtered_stderr(self.level), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # what the import warns about, the user cannot act on
+            with (filtered_stderr(self.level) if self.level is not None else contextlib.nullcontext()), \
+                    warnings.catch_warnings():
+                if self.level is not None:
+                    warnings.simplefilter("ignore")  # what the import warns about, the user cannot act on
                 self.loader.exec_module(module)
                 _list_devices(module)
+            from finetune.app import tf_devices  # here, not at the top: this file also runs as the filter
+
+            tf_devices.configure(module)  # FINETUNE_LOGICAL_CPUS, before any device is initialised
         finally:
             module.__loader__ = module.__spec__.loader = self.loader
 
@@ -144,9 +149,10 @@ def _list_devices(tf) -> None:
 
 
 class _QuietTensorflowImport(importlib.abc.MetaPathFinder):
-    """Finds `tensorflow` once, through the finders after it, and hands it a quiet loader."""
+    """Finds `tensorflow` once, through the finders after it, and hands it a quiet loader (level None:
+    one that filters nothing and only sets up the devices)."""
 
-    def __init__(self, level: int):
+    def __init__(self, level: int | None):
         self.level = level
 
     def find_spec(self, name, path=None, target=None):
@@ -162,16 +168,19 @@ class _QuietTensorflowImport(importlib.abc.MetaPathFinder):
 
 def quiet_tensorflow(environ=os.environ) -> bool:
     """Unless the user asked for TensorFlow's lines: TF_CPP_MIN_LOG_LEVEL=2 where unset, and the first
-    `import tensorflow` (keras, tensorflow_datasets...) of this process runs with stderr filtered.
-    True when the filter is in place."""
-    if asked_for_tf_logs(environ):
-        return False
-    environ.setdefault(TF_LEVEL, str(DEFAULT_LEVEL))
+    `import tensorflow` (keras, tensorflow_datasets...) of this process runs with stderr filtered. Either
+    way the import then sets up the devices (finetune.app.tf_devices). True when the filter is in place."""
+    quiet = not asked_for_tf_logs(environ)
+    if quiet:
+        environ.setdefault(TF_LEVEL, str(DEFAULT_LEVEL))
     if "tensorflow" in sys.modules:
         return False
-    if not any(isinstance(f, _QuietTensorflowImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _QuietTensorflowImport(min_level(environ)))
-    return True
+    from finetune.app import tf_devices
+
+    tf_devices.before_import(environ)
+    if not any(isinstance(f, _QuietTensorflowImport) for f in sys.meta_path):  # also sets up the devices
+        sys.meta_path.insert(0, _QuietTensorflowImport(min_level(environ) if quiet else None))
+    return quiet
 
 
 if __name__ == "__main__":  # the filter process: stdin is the pipe, stdout the terminal's stderr

@@ -19,6 +19,10 @@ def run(cfg, output_dir: Path) -> dict:
     from finetune.app.signals import sigterm_raises
     from finetune.train import checkpoint
 
+    from finetune.train import distribute
+
+    distribution = distribute.start_early(cfg.trainer)  # multi_worker only
+    cfg, output_dir, scratch = distribute.for_this_worker(cfg, output_dir, distribution)
     in_sweep = bool(sweep_child_tags())
     prepared = None if in_sweep else prepare(cfg)
     if cfg.trainer.dry_run:  # what the run would do: no MLflow run, nothing trained or written
@@ -49,6 +53,13 @@ def run(cfg, output_dir: Path) -> dict:
             checkpoint.forget_run(key)
             raise
         checkpoint.forget_run(key)
+    distribute.leave_together(distribution)
+    if scratch is not None:  # a multi-worker cluster's other worker: the chief has the run
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+        print("\n== finetune train: done (this worker trained in step with the chief, whose run holds the results) ==")
+        return metrics
     _print_summary(metrics, active.run_id, active.experiment_id, output_dir, active.uri)
     return metrics
 

@@ -92,6 +92,18 @@ class Precision(str, Enum):
     mixed_float16 = "mixed_float16"
 
 
+class Strategy(str, Enum):
+    auto = "auto"
+    none = "none"
+    mirrored = "mirrored"
+    multi_worker = "multi_worker"
+
+
+class LrScaling(str, Enum):
+    none = "none"
+    linear = "linear"
+
+
 class FeatureCacheMode(str, Enum):
     auto = "auto"
     off = "off"
@@ -223,6 +235,10 @@ class OptimizerConfig:
     clipnorm: Optional[float] = None
     # per-block rates: block i of the block map counted from the top (weighted blocks) trains at lr * layer_decay**i
     layer_decay: Optional[float] = None
+    # linear: optimizer.lr is for a batch of lr_reference_batch; the run uses lr * trainer.batch_size /
+    # lr_reference_batch (with several replicas the global batch usually grows; finetune.train.distribute)
+    lr_scaling: LrScaling = LrScaling.none
+    lr_reference_batch: int = 32
     # exponential moving average of the weights (Keras' use_ema): validation and the saved model use it
     ema: bool = False
     ema_momentum: float = 0.99
@@ -336,6 +352,9 @@ class TrainerConfig:
     # auto: what finetune.train.compute measured fastest for this device class and backbone family
     precision: Precision = Precision.auto
     jit_compile: str = "auto"  # auto | true | false (XLA)
+    # tf.distribute: auto (mirrored with >1 GPU, else none) | none | mirrored (GPUs, or logical CPUs:
+    # FINETUNE_LOGICAL_CPUS=N) | multi_worker (TF_CONFIG or SLURM). batch_size is the global batch
+    strategy: Strategy = Strategy.auto
     # A checkpoint at every epoch end (run dir/checkpoint/): a killed run continues from its last
     # completed epoch. resume: auto = the same command continues this config's interrupted run;
     # never = always a new run; <run dir> = continue that run

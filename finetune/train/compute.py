@@ -35,6 +35,11 @@ class ComputeChoice:
     precision: str
     jit_compile: bool
     reason: str
+    distribution: object = None  # finetune.train.distribute.Distribution (None: one device)
+
+    @property
+    def replicas(self) -> int:
+        return self.distribution.replicas if self.distribution is not None else 1
 
     @property
     def keras_policy(self) -> str:

@@ -9,6 +9,7 @@ import numpy as np
 
 from finetune import tracking
 from finetune.train import imbalance, reports
+from finetune.train.distribute import shard_by_data
 from finetune.train.stages import expected_end_of_data
 
 
@@ -23,7 +24,7 @@ def evaluate_model(model, inputs, class_names: list[str], out: Path, title: str,
         for split, ds in sets.items():
             if ds is not None:
                 metrics.update({f"{split}_{k}": float(v)
-                                for k, v in model.evaluate(ds, verbose=0, return_dict=True).items()})
+                                for k, v in model.evaluate(shard_by_data(ds), verbose=0, return_dict=True).items()})
         split = "test" if sets["test"] is not None else "val"
         y_true, y_pred = predictions(model, sets[split])
     per_class = reports.per_class_metrics(y_true, y_pred, class_names)
@@ -44,9 +45,11 @@ def evaluate_model(model, inputs, class_names: list[str], out: Path, title: str,
 
 
 def predictions(model, ds):
-    y_true, y_pred = [], []
-    for inputs, labels in ds:
-        y_pred.append(np.argmax(model.predict_on_batch(inputs), axis=-1))
+    """(true labels, predicted classes) over `ds`. model.predict, not predict_on_batch: under a distribution
+    strategy predict_on_batch hands every replica the whole batch and returns it once per replica."""
+    y_true = []
+    for _, labels in ds:
         labels = labels.numpy()
         y_true.append(np.argmax(labels, axis=-1) if labels.ndim > 1 else labels)  # one-hot under MixUp/CutMix
-    return np.concatenate(y_true), np.concatenate(y_pred)
+    y_pred = np.argmax(model.predict(shard_by_data(ds), verbose=0), axis=-1)
+    return np.concatenate(y_true), y_pred

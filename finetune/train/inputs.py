@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune.config.schema import choice
+from finetune.train.distribute import whole_replica_batches
 
 
 @dataclass
@@ -45,13 +46,15 @@ def image_inputs(cfg, dataset, input_shape) -> Inputs:
     has_test = dataset.test is not None and dataset.test.size
     # one iterator for the whole stage (repeat + steps_per_epoch): a new iterator every epoch
     # stalls each epoch's end until tf.data's autotuner wakes up (measured: up to 2x on short epochs)
+    train, steps = whole_replica_batches(
+        make_pipeline(dataset, "train", training=True, augment=augment, sampler=choice(d.get("sampler", "none")),
+                      **common), dataset.train.size, int(t.batch_size), steps_per_epoch(t, dataset.train.size))
     return Inputs(
-        train=make_pipeline(dataset, "train", training=True, augment=augment,
-                            sampler=choice(d.get("sampler", "none")), **common).repeat(),
+        train=train.repeat(),
         train_plain=make_pipeline(dataset, "train", training=False, **plain),
         val=make_pipeline(dataset, "val", training=False, **plain),
         test=make_pipeline(dataset, "test", training=False, **plain) if has_test else None,
-        steps_per_epoch=steps_per_epoch(t, dataset.train.size))
+        steps_per_epoch=steps)
 
 
 def feature_inputs(sets: dict, batch_size: int, seed: int, steps: int, sampler: str = "none",
@@ -90,6 +93,8 @@ def feature_inputs(sets: dict, batch_size: int, seed: int, steps: int, sampler: 
     # batch, then repeat: an epoch's last batch ends with the epoch, exactly as on images (the image
     # pipeline batches before it repeats), so training on cached features is training on images
     train = train.batch(batch_size)
+    if sampler != "balanced":  # (balanced: an endless stream of full batches)
+        train, steps = whole_replica_batches(train, len(labels), batch_size, steps)
     train = (train if sampler == "balanced" else train.repeat()).prefetch(tf.data.AUTOTUNE)
     sets = {**sets, "train": plain}
     return Inputs(train=train, train_plain=batches("train"), val=batches("val"), test=batches("test"),

@@ -50,12 +50,16 @@ def record_setup(cfg, out: Path, dataset, setup: Setup) -> None:
         **{f"{split}_size": n for split, n in dataset.sizes().items()},
         "num_classes": len(classes), "class_names": ",".join(classes), "params_total": setup.params_total,
         "compute.precision": setup.compute.precision, "compute.jit_compile": setup.compute.jit_compile,
+        **distribution_params(setup.compute.distribution),
     })
     tracking.set_tag("compute.reason", setup.compute.reason)
+    record_lr_scaling(cfg)
     if cfg.optimizer.get("ema", False):  # which weights the validation metrics and the model are
         tracking.set_tag("optimizer.ema_weights", f"validation metrics and the saved model use the moving average "
                                                   f"of the weights (momentum {float(cfg.optimizer.ema_momentum):g})")
     print(f"   compute: {setup.compute.precision}, jit_compile={setup.compute.jit_compile} ({setup.compute.reason})")
+    if setup.compute.distribution is not None:
+        print(f"   distribution: {setup.compute.distribution.describe()}; global batch {cfg.trainer.batch_size}")
     (out / "label_map.json").write_text(json.dumps({
         "class_names": classes, "backbone": setup.backbone, "input_shape": list(setup.input_shape),
         "preprocess": setup.preprocess, "preprocessing_in_model": True, "input_range": [0, 255],
@@ -67,6 +71,25 @@ def record_setup(cfg, out: Path, dataset, setup: Setup) -> None:
         (out / "skipped_files.json").write_text(json.dumps(dataset.skipped, indent=1))
         tracking.log_artifact(str(out / "skipped_files.json"))
         tracking.log_params({"skipped_files": len(dataset.skipped)})
+
+
+def distribution_params(distribution) -> dict:
+    """compute.strategy / compute.replicas (one device: none, 1)."""
+    if distribution is None:
+        return {"compute.strategy": "none", "compute.replicas": 1}
+    return {"compute.strategy": distribution.name, "compute.replicas": distribution.replicas}
+
+
+def record_lr_scaling(cfg) -> None:
+    """optimizer.lr_scaling=linear: the rate the run uses, as the param optimizer.lr_scaled."""
+    from finetune.train.stages import scaled_lr
+
+    if choice(cfg.optimizer.get("lr_scaling", "none")) != "linear" or str(cfg.optimizer.lr) == "auto":
+        return
+    lr = scaled_lr(cfg)
+    tracking.log_params({"optimizer.lr_scaled": f"{lr:.6g}"})
+    print(f"   learning rate scaled linearly: {float(cfg.optimizer.lr):g} x {cfg.trainer.batch_size} / "
+          f"{cfg.optimizer.lr_reference_batch} = {lr:.4g}")
 
 
 def record_stage(cfg, out: Path, index: int, stage, plan, model, head_layers, backbone_name: str) -> None:

@@ -31,7 +31,7 @@ from finetune.train.inputs import Inputs, feature_inputs, image_inputs
 from finetune.train.optim import compile_model
 from finetune.train.progress import Progress
 from finetune.train.record import Setup, record_setup, record_stage, save_and_record, weights_description
-from finetune.train import imbalance, layer_lr, schedules
+from finetune.train import distribute, imbalance, layer_lr, schedules
 from finetune.train.stages import Stage, fit_stage, plan_stages
 
 
@@ -326,8 +326,9 @@ def image_setup(run: Run) -> Setup:
 
 @contextlib.contextmanager
 def keras_session(cfg, spec=None):
-    """A fresh Keras graph (sweeps run many jobs in one process), the seed, and the precision policy chosen
-    for this backbone (a head alone trains in fp32); float32 again afterwards for what runs next."""
+    """A fresh Keras graph (sweeps run many jobs in one process), the seed, the precision policy chosen
+    for this backbone (a head alone trains in fp32; float32 again afterwards for what runs next) and the
+    trainer.strategy scope (finetune.train.distribute)."""
     keras.backend.clear_session()
     keras.utils.set_random_seed(int(cfg.trainer.seed))
     if spec is None:
@@ -335,9 +336,12 @@ def keras_session(cfg, spec=None):
     else:
         compute = choose(choice(cfg.trainer.precision), str(cfg.trainer.jit_compile).lower(), spec.family,
                          device_class())
+    distribution = distribute.choose(choice(cfg.trainer.get("strategy", "auto")))
+    compute = dataclasses.replace(compute, distribution=distribution)
     keras.mixed_precision.set_global_policy(compute.keras_policy)
     try:
-        yield compute
+        with distribution.scope():  # the model, optimizer, metrics and BatchNorm recalibration: all inside
+            yield compute
     finally:
         keras.mixed_precision.set_global_policy("float32")
 

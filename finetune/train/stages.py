@@ -47,8 +47,10 @@ def plan_stages(cfg, base_lr: float | None = None, unfreeze_steps: list[int] | N
     """The stages of a run: trainer.stages if given, else one stage from `freeze` and trainer.epochs; a
     gradual stage becomes its phases (`unfreeze_steps`: see gradual_phases; finetune.model.freeze).
     `base_lr`: the rate the range test found for optimizer.lr=auto (until then each stage's lr is nan)."""
-    lr = base_lr if base_lr is not None else cfg.optimizer.lr
-    lr = float("nan") if str(lr) == "auto" else float(lr)
+    if base_lr is not None:  # found for this very batch: not scaled
+        lr = float(base_lr)
+    else:
+        lr = float("nan") if str(cfg.optimizer.lr) == "auto" else scaled_lr(cfg)
     base_policy, base_n = choice(cfg.freeze.name), int(cfg.freeze.n)
     if not cfg.trainer.stages:
         stages = [Stage("train", int(cfg.trainer.epochs), base_policy, base_n, lr)]
@@ -62,6 +64,15 @@ def plan_stages(cfg, base_lr: float | None = None, unfreeze_steps: list[int] | N
     steps = list(unfreeze_steps if unfreeze_steps is not None else range(1, 1000))[:cap]
     return [phase for stage in stages
             for phase in (gradual_phases(stage, every, steps) if stage.policy == "gradual" else [stage])]
+
+
+def scaled_lr(cfg) -> float:
+    """optimizer.lr, or with optimizer.lr_scaling=linear: lr * trainer.batch_size / optimizer.lr_reference_batch
+    (the linear scaling rule, Goyal et al. 2017: a batch k times larger takes k times the rate)."""
+    lr = float(cfg.optimizer.lr)
+    if choice(cfg.optimizer.get("lr_scaling", "none")) != "linear":
+        return lr
+    return lr * int(cfg.trainer.batch_size) / int(cfg.optimizer.get("lr_reference_batch", 32))
 
 
 resolve_stages = plan_stages  # its earlier name
@@ -80,6 +91,9 @@ def expected_end_of_data():
 def fit_stage(model, train_ds, val_ds, *, first_epoch: int, epochs: int, callbacks: list,
               steps_per_epoch: int | None, verbose: int, class_weight: dict | None = None):
     """Fit one stage; epochs are numbered continuously across stages. Returns the History."""
+    from finetune.train.distribute import shard_by_data
+
+    train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
     with expected_end_of_data():
         return model.fit(train_ds, validation_data=val_ds, initial_epoch=first_epoch,
                          epochs=first_epoch + epochs, callbacks=callbacks, class_weight=class_weight,
