@@ -256,7 +256,7 @@ def one_error_line(result) -> str:
 
 # The longest test files first: pytest-xdist (--dist loadfile) hands out files in collection order, so
 # long files collected last (alphabetical order) would leave one worker busy alone at the end.
-LONGEST_FIRST = ["test_team_server.py", "test_distribute.py", "test_train_cli.py", "test_recipe_cli.py", "test_hub.py", "test_sweep.py",
+LONGEST_FIRST = ["test_team_server.py", "test_distribute.py", "test_gpu_check.py", "test_train_cli.py", "test_recipe_cli.py", "test_hub.py", "test_sweep.py",
                  "test_transfer_demo.py",
                  "test_tracking_outage.py", "test_recipe_bench.py",
                  "test_trained_model_commands.py", "test_resume.py", "test_classify_extract.py", "test_bench_smoke.py",
