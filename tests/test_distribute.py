@@ -148,3 +148,22 @@ def test_a_bad_logical_cpu_count_is_said_and_ignored(capsys):
     environ = {"FINETUNE_LOGICAL_CPUS": "2"}
     before_import(environ)
     assert environ["TF_ENABLE_ONEDNN_OPTS"] == "0"
+
+
+def test_inside_a_slurm_job_the_cluster_comes_from_slurms_variables():
+    import tensorflow as tf
+
+    from finetune.train.distribute import chief_task, cluster_resolver
+
+    environ = {"SLURM_JOB_ID": "42"}
+    slurm = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "node[1-2]",
+             "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in slurm.items():
+            patch.setenv(key, value)
+        resolver, source = cluster_resolver(tf, environ)
+        spec = resolver.cluster_spec().as_dict()
+    assert source == "SLURM"
+    assert spec == {"worker": ["node1:8888", "node2:8888"]}
+    assert (resolver.task_type, resolver.task_id) == ("worker", 1)
+    assert not chief_task(spec, resolver.task_type, resolver.task_id)

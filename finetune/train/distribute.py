@@ -122,8 +122,13 @@ def cluster_resolver(tf, environ=os.environ):
                               'JSON like {"cluster": {"worker": ["host1:port", "host2:port"]}, '
                               '"task": {"type": "worker", "index": 0}}') from None
         return tf.distribute.cluster_resolver.TFConfigClusterResolver(), "TF_CONFIG"
-    if environ.get("SLURM_JOB_ID"):
-        return tf.distribute.cluster_resolver.SlurmClusterResolver(), "SLURM"
+    if environ.get("SLURM_JOB_ID"):  # one task per node: each worker mirrors over all GPUs of its node
+        slurm = tf.distribute.cluster_resolver.SlurmClusterResolver
+        if tf.config.list_physical_devices("GPU"):
+            return slurm(), "SLURM"
+        # CPU nodes: TF 2.21's resolver asks nvidia-smi for GPUs and hands out one task per GPU (with 0 GPUs:
+        # "range() arg 3 must not be zero"); give it task slots instead and leave CUDA_VISIBLE_DEVICES alone
+        return slurm(gpus_per_node=64, gpus_per_task=1, auto_set_gpu=False), "SLURM"
     raise ConfigError("trainer.strategy", "multi_worker",
                       "a cluster: set TF_CONFIG in each worker's environment (README, 'Several GPUs and machines') "
                       "or run inside a SLURM job; on one machine use trainer.strategy=mirrored")
