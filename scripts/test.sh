@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The test suite, from a fresh clone: sets up .venv, then runs every test (offline; about 15 minutes on 2 idle
+# The test suite, from a fresh clone: sets up .venv, then runs every test (offline; about 12 minutes on 2 idle
 # cores, measured on a fresh clone; over the 10-minute budget since the team-server tests, which start
-# PostgreSQL and MLflow servers, about 5 minutes of one worker, and the tf.distribute tests about 3). Test files are spread
+# PostgreSQL and MLflow servers, about 5 minutes of one worker, and the tf.distribute tests about 2.5). Test files are spread
 # over 2 worker processes (pytest-xdist, one file per worker at a time, so module fixtures stay shared);
 # extra arguments go to pytest, e.g. `-m "not slow"` (the fast tier: no CLI), `-n 0` (one process),
 # `--cov` (line coverage of finetune/, CLI subprocesses included).
