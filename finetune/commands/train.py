@@ -17,9 +17,7 @@ def run(cfg, output_dir: Path) -> dict:
     MLflow run, from its last completed epoch (trainer.resume)."""
     from finetune import tracking
     from finetune.app.signals import sigterm_raises
-    from finetune.train import checkpoint
-
-    from finetune.train import distribute
+    from finetune.train import checkpoint, distribute
 
     distribution = distribute.start_early(cfg.trainer)  # multi_worker only
     cfg, output_dir, scratch = distribute.for_this_worker(cfg, output_dir, distribution)

@@ -99,22 +99,10 @@ def feature_extractor(parts):
 
 
 def extract(extractor, ds) -> dict:
-    import tensorflow as tf
+    from finetune.train.evaluate import outputs_and_labels
 
-    if tf.distribute.has_strategy():  # predict_on_batch would hand every replica the whole batch
-        from finetune.train.distribute import shard_by_data
-        from finetune.train.stages import expected_end_of_data
-
-        labels = [batch_labels.numpy() for _, batch_labels in ds]
-        with expected_end_of_data():
-            features = extractor.predict(shard_by_data(ds), verbose=0)
-        return {"features": np.asarray(features, np.float32),
-                "labels": np.concatenate(labels).astype(np.int32)}
-    features, labels = [], []
-    for images, batch_labels in ds:
-        features.append(np.asarray(extractor.predict_on_batch(images), np.float32))
-        labels.append(batch_labels.numpy())
-    return {"features": np.concatenate(features), "labels": np.concatenate(labels).astype(np.int32)}
+    features, labels = outputs_and_labels(extractor, ds)
+    return {"features": features.astype(np.float32, copy=False), "labels": labels.astype(np.int32)}
 
 
 def head_on_features(head_layers, feature_shape, name: str = "head_on_features"):

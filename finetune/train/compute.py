@@ -38,10 +38,6 @@ class ComputeChoice:
     distribution: object = None  # finetune.train.distribute.Distribution (None: one device)
 
     @property
-    def replicas(self) -> int:
-        return self.distribution.replicas if self.distribution is not None else 1
-
-    @property
     def keras_policy(self) -> str:
         return KERAS_POLICY[self.precision]
 

@@ -45,11 +45,24 @@ def evaluate_model(model, inputs, class_names: list[str], out: Path, title: str,
 
 
 def predictions(model, ds):
-    """(true labels, predicted classes) over `ds`. model.predict, not predict_on_batch: under a distribution
-    strategy predict_on_batch hands every replica the whole batch and returns it once per replica."""
-    y_true = []
-    for _, labels in ds:
-        labels = labels.numpy()
-        y_true.append(np.argmax(labels, axis=-1) if labels.ndim > 1 else labels)  # one-hot under MixUp/CutMix
-    y_pred = np.argmax(model.predict(shard_by_data(ds), verbose=0), axis=-1)
-    return np.concatenate(y_true), y_pred
+    """(true labels, predicted classes) over `ds`."""
+    outputs, labels = outputs_and_labels(model, ds)
+    y_true = np.argmax(labels, axis=-1) if labels.ndim > 1 else labels  # one-hot under MixUp/CutMix
+    return y_true, np.argmax(outputs, axis=-1)
+
+
+def outputs_and_labels(model, ds) -> tuple:
+    """(model outputs, labels) over a (x, label) pipeline, as arrays. One pass with predict_on_batch on one
+    device; under a distribution strategy model.predict (predict_on_batch hands every replica the whole
+    batch and returns it once per replica) and a pass for the labels."""
+    import tensorflow as tf
+
+    if tf.distribute.has_strategy():
+        labels = [batch_labels.numpy() for _, batch_labels in ds]
+        with expected_end_of_data():
+            return np.asarray(model.predict(shard_by_data(ds), verbose=0)), np.concatenate(labels)
+    outputs, labels = [], []
+    for inputs, batch_labels in ds:
+        outputs.append(np.asarray(model.predict_on_batch(inputs)))
+        labels.append(batch_labels.numpy())
+    return np.concatenate(outputs), np.concatenate(labels)
