@@ -25,9 +25,11 @@ def assert_parent_and_children(client, experiment, jobs: int):
 
 
 def test_grid_sweep_makes_parent_and_children(cli, mlflow_client):
-    # 2 jobs with Hydra's basic launcher, each in a fresh process (trainer.isolate_sweep_jobs): memory
-    # does not grow job after job (scripts/bench_sweep_memory.py measures 6 jobs with and without)
-    result = cli("train", "-m", *TINY, *TINY_SHAPES, "optimizer.lr=1e-3,3e-2", "head=mlp", experiment="e2e_sweep")
+    # 2 jobs with Hydra's basic launcher that train the backbone, each in a fresh process
+    # (trainer.isolate_sweep_jobs): memory does not grow job after job (scripts/bench_sweep_memory.py
+    # measures 6 jobs with and without)
+    result = cli("train", "-m", *TINY, *TINY_SHAPES, "optimizer.lr=1e-3,3e-2", "head=mlp", "freeze=none",
+                 experiment="e2e_sweep")
     assert result.returncode == 0, result.stderr[-3000:]
     parent, children = assert_parent_and_children(mlflow_client, "e2e_sweep", 2)
     assert sorted((c.data.params["optimizer.lr"], c.data.params["head.name"]) for c in children) == [
@@ -51,6 +53,37 @@ def test_grid_sweep_makes_parent_and_children(cli, mlflow_client):
     assert shown == sorted(shown, reverse=True)
     logged = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "compare")}
     assert logged == {"compare/compare.csv", "compare/compare.png"}
+
+
+HEAD_ONLY = ["backbone=vgg16", "backbone.weights=null", "backbone.input_shape=[32,32]", "trainer.epochs=2",
+             "trainer.batch_size=8", "trainer.verbose=0", "freeze=all"]
+
+
+def test_head_only_jobs_share_the_sweep_process_and_train_as_alone(cli, mlflow_client, tmp_path):
+    # frozen backbone, cached features: the jobs run in the sweep's process (one backbone built, the cache
+    # filled by the first job), and each trains exactly as the same config alone in a fresh process does
+    result = cli("train", "-m", *HEAD_ONLY, *TINY_SHAPES, "head=linear,mlp", "optimizer.lr=1e-2,1e-3",
+                 experiment="head_only_sweep", env={"FINETUNE_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent, children = assert_parent_and_children(mlflow_client, "head_only_sweep", 4)
+    assert len({c.data.tags["finetune.process_id"] for c in children}) == 1, "head-only jobs in fresh processes"
+    by_job = sorted(children, key=lambda c: int(c.data.tags["finetune.sweep_job"]))
+    assert [c.data.tags["feature_cache"] for c in by_job] == ["miss", "hit", "hit", "hit"]
+    for child in by_job:  # every child holds a whole image model and its backbone
+        logged = {a.path for a in mlflow_client.list_artifacts(child.info.run_id, "model")}
+        assert "model/model.keras" in logged, logged
+        assert [a.path for a in mlflow_client.list_artifacts(child.info.run_id, "backbone")] == [
+            "backbone/backbone.weights.h5"]
+    alone = cli("train", *HEAD_ONLY, *TINY_SHAPES, "head=mlp", "optimizer.lr=1e-3", experiment="head_only_alone",
+                env={"FINETUNE_CACHE_DIR": str(tmp_path / "cache_alone")})
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    [single] = runs_of(mlflow_client, "head_only_alone")
+    [same] = [c for c in by_job if (c.data.params["head.name"], c.data.params["optimizer.lr"]) == ("mlp", "0.001")]
+    assert same.data.tags["finetune.sweep_job"] == "3"  # the last job: after three others in that process
+    compared = [m for m in single.data.metrics if m.startswith(("final_val_", "test_"))]
+    assert "final_val_loss" in compared and "final_val_accuracy" in compared, compared
+    for metric in compared:
+        assert same.data.metrics[metric] == pytest.approx(single.data.metrics[metric], abs=1e-6), metric
 
 
 def test_a_failing_job_never_leaves_the_parent_running(cli, mlflow_client):

@@ -155,7 +155,7 @@ def _task(command: str):
                 from finetune.app.checks import validate_command  # bad combination shows in a sweep
 
                 validate_command(command, cfg)  # as a FAILED child run
-            if hydra_cfg.mode == RunMode.MULTIRUN and OmegaConf.select(cfg, "trainer.isolate_sweep_jobs"):
+            if hydra_cfg.mode == RunMode.MULTIRUN and needs_own_process(command, cfg):
                 from finetune.sweep.isolated_job import run_isolated
 
                 result = run_isolated(command, cfg, output_dir)
@@ -178,6 +178,17 @@ def _task(command: str):
         return module.objective(result) if hasattr(module, "objective") else None
 
     return task
+
+
+def needs_own_process(command: str, cfg: DictConfig) -> bool:
+    """Whether a sweep job runs in a fresh process (trainer.isolate_sweep_jobs): all but the train jobs
+    that train a head alone. Those are small and gain most from the sweep's warm process: TensorFlow
+    imported, the backbone built, its weights hashed and saved once (finetune.model.backbone_pool)."""
+    if not OmegaConf.select(cfg, "trainer.isolate_sweep_jobs"):
+        return False
+    from finetune.train.head_only import trains_head_only
+
+    return not (command == "train" and trains_head_only(cfg))
 
 
 def register_plugins() -> None:

@@ -336,10 +336,12 @@ class TrainerConfig:
     # none | balanced (class c weighs n / (k * n_c)) | a mapping {class name: weight} (unlisted classes: 1)
     class_weight: Any = "none"
     verbose: int = 2
-    # In a multirun, train each job in a fresh process: TensorFlow/Keras keep memory of every model
-    # trained in a process, which keras.backend.clear_session() does not return (measured: +192 MB a
-    # job training MobileNetV2 end to end), so a long sweep in one process grows until it is killed.
-    # Costs one Python/TF start-up a job (~4-8 s here).
+    # In a multirun, train each job that trains (part of) the backbone in a fresh process: TensorFlow/Keras
+    # keep memory of every model trained in a process, which keras.backend.clear_session() does not return
+    # (measured: +192 MB a job training MobileNetV2 end to end), so a long sweep in one process grows until
+    # it is killed. Costs one Python/TF start-up a job (~4-8 s here). Jobs that train a head alone (frozen
+    # backbone, cached features: finetune/train/head_only.py) run in the sweep's process, sharing its
+    # backbone. false: every job in the sweep's process
     isolate_sweep_jobs: bool = True
     # A stage whose backbone is entirely frozen, without augmentation, trains the head on backbone
     # features computed once and kept on disk (reused by later runs and every trial of a sweep):

@@ -86,8 +86,19 @@ def backbone_from_config(cfg_backbone, spec: BackboneSpec):
     return backbone, shape
 
 
-def build_parts(cfg_backbone, cfg_head, spec: BackboneSpec, num_classes: int) -> Parts:
-    backbone, shape = backbone_from_config(cfg_backbone, spec)
+def build_parts(cfg_backbone, cfg_head, spec: BackboneSpec, num_classes: int, shared_key: str | None = None,
+                head_seed: int | None = None) -> Parts:
+    """The backbone (`shared_key`: the one kept in this process for that key, finetune.model.backbone_pool)
+    and a new head. `head_seed`: the random state is reset to it before the head is built, so that the
+    head starts the same whether the backbone was built just now or kept."""
+    if shared_key is None:
+        backbone, shape = backbone_from_config(cfg_backbone, spec)
+    else:
+        from finetune.model import backbone_pool
+
+        backbone, shape = backbone_pool.get_or_build(shared_key, lambda: backbone_from_config(cfg_backbone, spec))
+    if head_seed is not None:
+        keras.utils.set_random_seed(int(head_seed))
     return Parts(spec=spec, input_shape=shape,
                  preprocess=preprocessing(spec.preprocess, name="preprocess"),
                  backbone=backbone, head=build_head(cfg_head, num_classes),

@@ -30,10 +30,11 @@ def uses_feature_cache(cfg, backbone_trains: bool, bn_layers) -> bool:
 def backbone_description(cfg, parts, keras_policy: str) -> dict:
     """Everything that decides the vectors a backbone gives: part of every cache key."""
     from finetune.features.cache import weights_digest
+    from finetune.model import backbone_pool
 
     return {"name": parts.spec.name, "include_top": bool(cfg.backbone.include_top),
             "pooling": choice(cfg.backbone.pooling), "input_shape": list(parts.input_shape),
-            "preprocess": parts.spec.preprocess, "weights": weights_digest(parts.backbone),
+            "preprocess": parts.spec.preprocess, "weights": backbone_pool.digest(parts.backbone, weights_digest),
             "layer": None, "keras": keras.__version__, "precision": keras_policy,
             **({"preset": parts.spec.preset} if parts.spec.preset else {})}
 

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from finetune import files, tracking
 from finetune.config.schema import choice
+from finetune.model import backbone_pool
 from finetune.model.freeze import format_plan, plan_json
 from finetune.train import reports
 
@@ -130,7 +131,7 @@ def save_and_record(cfg, out: Path, model, backbone, progress) -> None:
     files.save_model(model, model_dir / "model.keras")
     for name in ("label_map.json", "config.yaml"):
         (model_dir / name).write_bytes((out / name).read_bytes())
-    files.save_weights(backbone, out / "backbone.weights.h5")
+    backbone_pool.save_weights(backbone, out / "backbone.weights.h5", files.save_weights)  # once per kept backbone
     if not cfg.tracking.log_model:
         return
     tracking.log_artifact(str(model_dir), "model")

@@ -69,7 +69,8 @@ def train_on_images(cfg, spec, dataset, output_dir: Path, resume: dict | None = 
     out.mkdir(parents=True, exist_ok=True)
     with keras_session(cfg, spec) as compute:
         images = image_inputs(cfg, dataset, input_shape_of(cfg.backbone, spec))
-        parts = build_parts(cfg.backbone, cfg.head, spec, len(dataset.class_names))
+        parts = build_parts(cfg.backbone, cfg.head, spec, len(dataset.class_names),
+                            shared_key=shared_backbone(cfg, compute), head_seed=int(cfg.trainer.seed))
         check_freeze_built(cfg, parts)
         run = Run(cfg, out, dataset, parts, images, compute, Progress.for_run(cfg, parts, out))
         run.train_counts = training_counts(dataset, images, needed=str(cfg.trainer.class_weight) == "balanced")
@@ -99,6 +100,18 @@ def train_on_images(cfg, spec, dataset, output_dir: Path, resume: dict | None = 
     return metrics
 
 
+def shared_backbone(cfg, compute: ComputeChoice) -> str | None:
+    """The backbone_pool key of a run that trains a head alone (its backbone never changes, so the next
+    such run in this process, a sweep's next trial, reuses it); None: build this run's own."""
+    from finetune.model import backbone_pool
+    from finetune.train.head_only import trains_head_only
+
+    if not trains_head_only(cfg):
+        return None
+    placement = compute.distribution.name if compute.distribution is not None else "one device"
+    return backbone_pool.key_of(cfg.backbone, int(cfg.trainer.seed), f"{compute.keras_policy} {placement}")
+
+
 def train_stage(run: Run, index: int, stage: Stage, first_epoch: int, resume: dict | None) -> Fitted:
     """Freeze, compile, fit with the stage's callbacks, then re-estimate BatchNorm statistics."""
     cfg, parts = run.cfg, run.parts
@@ -126,15 +139,50 @@ def train_stage(run: Run, index: int, stage: Stage, first_epoch: int, resume: di
 
 
 PREVIEW_IMAGES = 16
+_previews: dict[str, Path] = {}  # the previews drawn in this process, by what decides them (a sweep's next trial)
 
 
 def record_augmentation_preview(run: Run) -> None:
-    """augmentation_preview.png: the first 16 training images as the model sees them (augmented, mixed)."""
-    import numpy as np
+    """augmentation_preview.png: the first 16 training images as the model sees them (augmented, mixed).
+    Drawn once per process for the same training images, input size, seed and augmentation: a sweep's
+    next trial copies it (the 16-image plot takes longer than a head trains on cached features)."""
+    import shutil
 
     from finetune import tracking
     from finetune.config.schema import choice as name_of
     from finetune.train import reports
+
+    path, policy = run.out / "augmentation_preview.png", run.cfg.augment
+    key = preview_key(run)
+    if key in _previews and _previews[key].is_file():
+        shutil.copyfile(_previews[key], path)
+    else:
+        images, titles = preview_images(run)
+        reports.plot_image_grid(images, titles, path,
+                                f"training images as the model sees them: augment={name_of(policy.name)}"
+                                + (f", mixup={policy.mixup:g}" if policy.mixup else "")
+                                + (f", cutmix={policy.cutmix:g}" if policy.cutmix else ""))
+        _previews[key] = path
+    tracking.log_artifact(str(path))
+
+
+def preview_key(run: Run) -> str:
+    import json
+
+    from omegaconf import OmegaConf
+
+    from finetune.features.cache import split_fingerprint
+
+    cfg = run.cfg
+    return json.dumps([split_fingerprint(run.dataset, "train"), OmegaConf.to_container(cfg.augment, resolve=True,
+                       enum_to_str=True), int(cfg.data.seed), str(cfg.data.get("sampler", "none")),
+                       list(run.parts.input_shape)], sort_keys=True, default=str)
+
+
+def preview_images(run: Run) -> tuple[list, list[str]]:
+    """The first training batch of 16 as the model sees it, with a title per image (its class, or the two
+    largest shares of a mixed label)."""
+    import numpy as np
 
     from finetune.data import make_pipeline
 
@@ -156,13 +204,7 @@ def record_augmentation_preview(run: Run) -> None:
                 text = run.classes[int(label)]
             images.append(image)
             titles.append(text)
-    path = run.out / "augmentation_preview.png"
-    policy = run.cfg.augment
-    reports.plot_image_grid(images[:PREVIEW_IMAGES], titles[:PREVIEW_IMAGES], path,
-                            f"training images as the model sees them: augment={name_of(policy.name)}"
-                            + (f", mixup={policy.mixup:g}" if policy.mixup else "")
-                            + (f", cutmix={policy.cutmix:g}" if policy.cutmix else ""))
-    tracking.log_artifact(str(path))
+    return images[:PREVIEW_IMAGES], titles[:PREVIEW_IMAGES]
 
 
 def training_counts(dataset, images: Inputs, needed: bool):
