@@ -48,7 +48,10 @@ def cached_features(cfg, parts, dataset, images, keras_policy: str) -> dict:
     refresh = choice(cfg.trainer.feature_cache) == "refresh"
     backbone = backbone_description(cfg, parts, keras_policy)
     extractor, sets, status = None, {}, {}
-    splits = {"train": images.train_plain, "val": images.val, "test": images.test}
+    # the image pipelines by name: built (finetune.train.inputs.LazyInputs) only for a split that misses
+    splits = {"train": "train_plain", "val": "val"}
+    if dataset.test is not None and dataset.test.size:
+        splits["test"] = "test"
     views = augmented_views(cfg)
     if views:  # K augmented views of the training split instead of the plain one
         from omegaconf import OmegaConf
@@ -63,8 +66,6 @@ def cached_features(cfg, parts, dataset, images, keras_policy: str) -> dict:
                                                                            "seed": int(cfg.data.seed) + v})
                        for v in range(views)})
     for split, ds in splits.items():
-        if ds is None:
-            continue
         ds, extra = ds if isinstance(ds, tuple) else (ds, {})
         description = {"backbone": backbone, "data": split_fingerprint(dataset, split.split("_view")[0]), **extra}
         key = cache_key(description)
@@ -72,7 +73,7 @@ def cached_features(cfg, parts, dataset, images, keras_policy: str) -> dict:
         if found is None:
             extractor = extractor or feature_extractor(parts)
             start = time.perf_counter()
-            found = extract(extractor, ds)
+            found = extract(extractor, getattr(images, ds) if isinstance(ds, str) else ds)
             seconds = time.perf_counter() - start
             cache.store(key, found["features"], found["labels"], description)
             print(f"   feature cache miss ({split}): extracted {len(found['labels'])} images in {seconds:.1f} s "

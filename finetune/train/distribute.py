@@ -230,6 +230,17 @@ def whole_replica_batches(train, train_size: int, batch_size: int, steps: int):
     0/0: measured, the weights turn NaN in the first epoch (2 replicas, 33 images in batches of 16). Such a
     batch is left out (one image in 33 here, a different one each epoch as the data is reshuffled), as
     distributed training usually does. One replica: unchanged."""
+    import tensorflow as tf
+
+    whole_steps, drop = whole_replica_steps(train_size, batch_size, steps)
+    if not drop:
+        return train, steps
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return train.filter(lambda x, *_: tf.shape(x)[0] >= replicas), whole_steps
+
+
+def whole_replica_steps(train_size: int, batch_size: int, steps: int) -> tuple[int, bool]:
+    """(steps per epoch, whether the epoch's last batch is left out) of whole_replica_batches."""
     import math
 
     import tensorflow as tf
@@ -237,9 +248,8 @@ def whole_replica_batches(train, train_size: int, batch_size: int, steps: int):
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     remainder = train_size % batch_size
     if replicas == 1 or remainder == 0 or remainder >= replicas:
-        return train, steps
-    train = train.filter(lambda x, *_: tf.shape(x)[0] >= replicas)
-    return train, (max(1, train_size // batch_size) if steps == math.ceil(train_size / batch_size) else steps)
+        return steps, False
+    return (max(1, train_size // batch_size) if steps == math.ceil(train_size / batch_size) else steps), True
 
 
 def leave_together(distribution: Distribution | None) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune.config.schema import choice
-from finetune.train.distribute import whole_replica_batches
+from finetune.train.distribute import whole_replica_batches, whole_replica_steps
 
 
 @dataclass
@@ -33,7 +33,8 @@ def steps_per_epoch(cfg_trainer, train_size: int) -> int:
 
 
 def image_inputs(cfg, dataset, input_shape) -> Inputs:
-    """Decoded, resized (cached, augmented) images of every split of `dataset`."""
+    """Decoded, resized (cached, augmented) images of every split of `dataset`, each pipeline built when
+    first used: a run that finds its backbone's features in the cache never builds them."""
     from finetune.data import make_pipeline
 
     from finetune.data.augment import mixes
@@ -44,17 +45,37 @@ def image_inputs(cfg, dataset, input_shape) -> Inputs:
                   cache=choice(d.cache), cache_max_mb=int(d.cache_max_mb))
     plain = dict(common, one_hot=mixes(augment))
     has_test = dataset.test is not None and dataset.test.size
-    # one iterator for the whole stage (repeat + steps_per_epoch): a new iterator every epoch
-    # stalls each epoch's end until tf.data's autotuner wakes up (measured: up to 2x on short epochs)
-    train, steps = whole_replica_batches(
-        make_pipeline(dataset, "train", training=True, augment=augment, sampler=choice(d.get("sampler", "none")),
-                      **common), dataset.train.size, int(t.batch_size), steps_per_epoch(t, dataset.train.size))
-    return Inputs(
-        train=train.repeat(),
-        train_plain=make_pipeline(dataset, "train", training=False, **plain),
-        val=make_pipeline(dataset, "val", training=False, **plain),
-        test=make_pipeline(dataset, "test", training=False, **plain) if has_test else None,
-        steps_per_epoch=steps)
+    steps = steps_per_epoch(t, dataset.train.size)
+
+    def train():
+        # one iterator for the whole stage (repeat + steps_per_epoch): a new iterator every epoch
+        # stalls each epoch's end until tf.data's autotuner wakes up (measured: up to 2x on short epochs)
+        pipeline = make_pipeline(dataset, "train", training=True, augment=augment,
+                                 sampler=choice(d.get("sampler", "none")), **common)
+        return whole_replica_batches(pipeline, dataset.train.size, int(t.batch_size), steps)[0].repeat()
+
+    return LazyInputs({
+        "train": train,
+        "train_plain": lambda: make_pipeline(dataset, "train", training=False, **plain),
+        "val": lambda: make_pipeline(dataset, "val", training=False, **plain),
+        "test": lambda: make_pipeline(dataset, "test", training=False, **plain) if has_test else None,
+    }, whole_replica_steps(dataset.train.size, int(t.batch_size), steps)[0])
+
+
+class LazyInputs(Inputs):
+    """Inputs whose pipelines are built on first use, by the given functions."""
+
+    def __init__(self, factories: dict, steps_per_epoch: int):  # the dataclass fields: built on first use
+        self._factories = factories
+        self.steps_per_epoch = steps_per_epoch
+
+    def __getattr__(self, name: str):
+        factories = self.__dict__.get("_factories", {})
+        if name not in factories:
+            raise AttributeError(name)
+        value = factories[name]()
+        setattr(self, name, value)
+        return value
 
 
 def feature_inputs(sets: dict, batch_size: int, seed: int, steps: int, sampler: str = "none",
