@@ -356,7 +356,7 @@ def _check_classify(cfg) -> None:
 # what a command's required argument (MISSING in the schema) takes, for its one-line error
 REQUIRED = {
     "images": "image files, folders or globs, e.g. images=[a.jpg,b.png] or images=photos/",
-    "model": "a model: model=<MLflow run id | models:/<name>/<version> | path/to/model.keras>",
+    "model": "a model: model=<MLflow run id | models:/<name>/<version> | models:/<name>@<alias> | path/to/model.keras>",
 }
 
 

@@ -45,10 +45,25 @@ def run(cfg, output_dir: Path) -> dict:
             parent.log_artifact(table, "compare")
             parent.log_artifact(plot, "compare")
     print_table(rows, columns, options.metric)
+    if options.register:
+        promote(client, rows, options, output_dir)
     print(f"\n{len(rows)} run(s) of {name!r}{' in sweep ' + options.sweep if options.sweep else ''}; "
           f"{'lowest' if lower_is_better(options.metric) else 'highest'} {options.metric} first; "
           f"table {table}, plot {plot}")
     return {"runs": len(rows)}
+
+
+def promote(client, rows: list[dict], options, output_dir: Path) -> None:
+    """compare.register: the best run's model registered, compare.alias pointing at the new version."""
+    from finetune.tracking.mlflow_model import register_with_alias
+
+    best = next((row for row in rows if row[options.metric] is not None and row["status"] == "FINISHED"), None)
+    if best is None:
+        raise ConfigError("compare.register", options.register, f"runs with {options.metric} to choose from")
+    version = register_with_alias(client, best["run_id"], options.register, options.alias, output_dir / "registry")
+    print(f"\nregistered the best run {best['run_id']} ({options.metric} {best[options.metric]:.4f}) as "
+          f"models:/{options.register}/{version}, alias {options.alias!r}: model=models:/{options.register}@"
+          f"{options.alias} (finetune predict/evaluate/export; mlflow models serve -m the same URI)")
 
 
 def lower_is_better(metric: str) -> bool:

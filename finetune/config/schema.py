@@ -460,7 +460,7 @@ class PredictOptions:
 
 @dataclass
 class PredictConfig:
-    # an MLflow run id, a models:/<name>/<version> URI, or a path to a .keras file
+    # an MLflow run id, a models:/<name>/<version> or models:/<name>@<alias> URI, or a path to a .keras file
     model: str = MISSING
     images: Any = MISSING
     tracking: TrackingConfig = MISSING
@@ -526,6 +526,10 @@ class CompareOptions:
     limit: int = 50
     # also write the table to this .csv file
     output: Optional[str] = None
+    # register the best run's model under this name in the MLflow model registry and point `alias` at
+    # that version: then model=models:/<register>@<alias> (and mlflow models serve -m the same URI)
+    register: Optional[str] = None
+    alias: str = "champion"
 
 
 @dataclass

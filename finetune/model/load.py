@@ -1,4 +1,4 @@
-"""Finding a trained model: an MLflow run id, a models:/ URI, or a path to a .keras file.
+"""Finding a trained model: an MLflow run id, a models:/ URI (version or alias), or a path to a .keras file.
 
 A model folder (what `finetune train` writes and logs as the run's `model/` artifact) holds
 model.keras, label_map.json (class names, input shape, preprocessing) and config.yaml.
@@ -113,7 +113,7 @@ def _resolve(ref: str, cfg_tracking, download_dir: Path) -> ModelBundle:
                                    model_file=path if path.is_file() else None)
     if ref.startswith(("models:/", "runs:/")) or RUN_ID.match(ref):
         return _bundle_from_mlflow(ref, cfg_tracking, download_dir)
-    raise ConfigError("model", ref, "an MLflow run id, a models:/<name>/<version> URI, "
+    raise ConfigError("model", ref, "an MLflow run id, a models:/<name>/<version> or models:/<name>@<alias> URI, "
                                     "or the path of a .keras file (or its folder)")
 
 
@@ -139,10 +139,13 @@ def _bundle_from_mlflow(ref: str, cfg_tracking, download_dir: Path) -> ModelBund
 def _run_of_model_version(uri: str) -> str | None:
     from mlflow import MlflowClient
 
-    match = re.match(r"^models:/([^/@]+)/(\d+)$", uri)
-    if not match:
-        return None
-    return MlflowClient().get_model_version(match.group(1), match.group(2)).run_id
+    version = re.match(r"^models:/([^/@]+)/(\d+)$", uri)
+    if version:
+        return MlflowClient().get_model_version(version.group(1), version.group(2)).run_id
+    alias = re.match(r"^models:/([^/@]+)@([^/@]+)$", uri)
+    if alias:
+        return MlflowClient().get_model_version_by_alias(alias.group(1), alias.group(2)).run_id
+    return None
 
 
 def _bundle_from_folder(folder: Path, ref: str, run_id: str | None, model_file: Path | None = None) -> ModelBundle:

@@ -11,6 +11,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from finetune import files, tracking
+from finetune.tracking import mlflow_model
+from finetune.tracking.scope import sweep_child_tags
 from finetune.config.schema import choice
 from finetune.model import backbone_pool
 from finetune.model.freeze import format_plan, plan_json
@@ -122,7 +124,9 @@ def record_stage_params(index: int, stage, trainable: int, frozen: int | None = 
 
 def save_and_record(cfg, out: Path, model, backbone, progress) -> None:
     """The plots, the model folder (model.keras + label map + config: what predict/evaluate/export load),
-    the trained backbone alone (reusable as backbone.weights=<file>), and the registry entry."""
+    the trained backbone alone (reusable as backbone.weights=<file>), the same model in MLflow's format
+    (mlflow_model/: `mlflow models serve`, pyfunc; a sweep's jobs leave it to `finetune compare
+    compare.register=...`, which adds it to the best run) and the registry entry (of that MLflow model)."""
     reports.plot_training_curves(progress.history, progress.stage_starts, out / "training_curves.png")
     for name in ("confusion_matrix.png", "confusion_matrix.csv", "training_curves.png", "metrics.json"):
         tracking.log_artifact(str(out / name))
@@ -136,7 +140,10 @@ def save_and_record(cfg, out: Path, model, backbone, progress) -> None:
         return
     tracking.log_artifact(str(model_dir), "model")
     tracking.log_artifact(str(out / "backbone.weights.h5"), "backbone")
+    if cfg.tracking.register_model or not sweep_child_tags():  # a sweep's jobs: when asked (compare.register)
+        served = mlflow_model.write(model_dir, out / mlflow_model.FOLDER)  # the same model in MLflow's format
+        tracking.log_artifact(str(served), mlflow_model.FOLDER)
     if cfg.tracking.register_model:
-        version = tracking.register_model(cfg.tracking.register_model, "model")
+        version = tracking.register_model(cfg.tracking.register_model, mlflow_model.FOLDER)
         print(f"   registered as models:/{cfg.tracking.register_model}/{version}" if version
               else "   model registration kept for later (tracking server unreachable)")
