@@ -47,6 +47,10 @@ def test_a_failed_trial_is_recorded_and_the_study_goes_on(cli, store, mlflow_cli
     assert failed.user_attrs["mlflow_run_id"] == by_depth["99"].info.run_id
     best = max(c.data.metrics["final_val_accuracy"] for c in children if "final_val_accuracy" in c.data.metrics)
     assert parent.data.metrics["best_final_val_accuracy"] == best == study.best_value
+    # Optuna's own plots on the parent (importances need 3 complete trials); the sweep's progress lines
+    plots = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "optuna_plots")}
+    assert plots == {"optuna_plots/optimization_history.png", "optuna_plots/slice.png"}, plots
+    assert "[sweep] 3/3 jobs done" in result.stdout and "1 failed; best final_val_accuracy" in result.stdout
 
 
 def test_a_killed_study_resumes_where_it_stopped(store, cli, start_cli, mlflow_client):

@@ -28,8 +28,8 @@ def test_grid_sweep_makes_parent_and_children(cli, mlflow_client):
     # 2 jobs with Hydra's basic launcher that train the backbone, each in a fresh process
     # (trainer.isolate_sweep_jobs): memory does not grow job after job (scripts/bench_sweep_memory.py
     # measures 6 jobs with and without)
-    result = cli("train", "-m", *TINY, *TINY_SHAPES, "optimizer.lr=1e-3,3e-2", "head=mlp", "freeze=none",
-                 experiment="e2e_sweep")
+    result = cli("train", "-m", *TINY, *TINY_SHAPES, "optimizer.lr=1e-3,3e-2", "head=mlp", "backbone=vgg16",
+                 "freeze=last_n", "freeze.n=1", experiment="e2e_sweep")  # VGG16: traces in seconds
     assert result.returncode == 0, result.stderr[-3000:]
     parent, children = assert_parent_and_children(mlflow_client, "e2e_sweep", 2)
     assert sorted((c.data.params["optimizer.lr"], c.data.params["head.name"]) for c in children) == [
@@ -69,6 +69,11 @@ def test_head_only_jobs_share_the_sweep_process_and_train_as_alone(cli, mlflow_c
     assert len({c.data.tags["finetune.process_id"] for c in children}) == 1, "head-only jobs in fresh processes"
     by_job = sorted(children, key=lambda c: int(c.data.tags["finetune.sweep_job"]))
     assert [c.data.tags["feature_cache"] for c in by_job] == ["miss", "hit", "hit", "hit"]
+    # the sweep's own progress line after every job (plain lines: not a terminal)
+    progress = [line for line in result.stdout.splitlines() if line.startswith("[sweep] ")]
+    assert [line.split(" jobs done")[0] for line in progress] == [f"[sweep] {n}/4" for n in range(1, 5)], progress
+    best = max(c.data.metrics["final_val_accuracy"] for c in children)
+    assert f"best final_val_accuracy {best:.4f}" in progress[-1], progress[-1]
     for child in by_job:  # every child holds a whole image model and its backbone
         logged = {a.path for a in mlflow_client.list_artifacts(child.info.run_id, "model")}
         assert "model/model.keras" in logged, logged

@@ -207,3 +207,38 @@ def job_run_id(job_return) -> str | None:
     folder = OmegaConf.select(job_return.hydra_cfg, "hydra.runtime.output_dir") if job_return.hydra_cfg else None
     path = Path(str(folder)) / RUN_ID_FILE if folder else None
     return path.read_text().strip() if path and path.is_file() else None
+
+
+def plot_study(study, folder: Path) -> list[Path]:
+    """Optuna's own matplotlib plots of the study: optimization history, parameter importances (fANOVA,
+    from 3 complete trials on) and slice; the files written. A plot Optuna cannot draw is left out."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import optuna
+    from optuna.visualization import matplotlib as plots
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    wanted = {"optimization_history": plots.plot_optimization_history, "slice": plots.plot_slice}
+    if len(complete) >= 3:
+        wanted["param_importances"] = plots.plot_param_importances
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, plot in wanted.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ExperimentalWarning: the matplotlib backend is "experimental"
+                axes = plot(study)
+        except Exception as error:  # noqa: BLE001 - a plot is a convenience; the study's result stands
+            print(f"[finetune] Optuna {name} plot left out: {type(error).__name__}: {str(error)[:200]}")
+            continue
+        figure = np.atleast_1d(axes).flat[0].figure
+        path = folder / f"{name}.png"
+        figure.savefig(path, dpi=90, bbox_inches="tight")
+        plt.close(figure)
+        written.append(path)
+    return written

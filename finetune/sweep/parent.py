@@ -23,6 +23,7 @@ from finetune.tracking.scope import PARENT_FILE, parent_run_id  # noqa: F401 - w
 from finetune.tracking.store import RUN_ID_FILE  # noqa: F401 - where sweep callers looked for it
 OPTUNA_SWEEPER = "hydra_plugins.finetune_optuna_sweeper."  # prefix of its _target_
 STUDY_TAG = "optuna.study"
+OPTUNA_PLOTS = "optuna_plots"  # the sweep folder's Optuna plots, logged to the parent under this name
 
 
 def _command(config: DictConfig) -> str:
@@ -94,6 +95,12 @@ def end_parent(config: DictConfig, status: str, reason: str | None = None) -> No
 
 class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        import os
+
+        from finetune.sweep.progress import SweepProgress, expected_jobs
+
+        # drawn by this process only: a launcher's workers (joblib, SLURM) call on_job_end in their own
+        self.progress, self.pid = SweepProgress(expected_jobs(config), OBJECTIVE), os.getpid()
         client, experiment_id = _client(config)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         overrides = " ".join(OmegaConf.to_container(config.hydra.overrides.task))[:5000]
@@ -144,9 +151,16 @@ class MlflowSweepCallback(Callback):
         return parent
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        import os
+
         from hydra.core.utils import JobStatus
 
         multirun = str(config.hydra.mode).endswith("MULTIRUN")  # an enum, or its name
+        if multirun and getattr(self, "pid", None) == os.getpid():
+            failed = job_return.status == JobStatus.FAILED
+            value = None if failed else job_return.return_value
+            self.progress.job_done(config.hydra.job.get("num"), value if isinstance(value, (int, float)) else None,
+                                   failed)
         if not multirun or job_return.status != JobStatus.FAILED or continues_after_failures(config):
             return
         parent = _parent(config)
@@ -166,5 +180,7 @@ class MlflowSweepCallback(Callback):
             parent.log_metrics({f"best_{OBJECTIVE}": best.data.metrics[OBJECTIVE]})
             parent.set_tag("best_run_id", best.info.run_id)
         parent.log_metrics({"jobs": len(children), "failed_jobs": sum(r.info.status == "FAILED" for r in children)})
+        for plot in sorted((Path(str(config.hydra.sweep.dir)) / OPTUNA_PLOTS).glob("*.png")):  # Optuna's plots
+            parent.log_artifact(plot, OPTUNA_PLOTS)
         still_running = client.get_run(parent.run_id).info.status == "RUNNING"
         parent.end("FINISHED" if still_running else None)

@@ -73,7 +73,8 @@ def cached_features(cfg, parts, dataset, images, keras_policy: str) -> dict:
         if found is None:
             extractor = extractor or feature_extractor(parts)
             start = time.perf_counter()
-            found = extract(extractor, getattr(images, ds) if isinstance(ds, str) else ds)
+            found = extract(extractor, getattr(images, ds) if isinstance(ds, str) else ds,
+                            getattr(dataset, split.split("_view")[0]).size, f"extracting {split} features")
             seconds = time.perf_counter() - start
             cache.store(key, found["features"], found["labels"], description)
             print(f"   feature cache miss ({split}): extracted {len(found['labels'])} images in {seconds:.1f} s "
@@ -100,10 +101,13 @@ def feature_extractor(parts):
     return feature_model(parts.backbone, parts.preprocess, parts.input_shape, None, flatten=False)
 
 
-def extract(extractor, ds) -> dict:
+def extract(extractor, ds, total: int = 0, desc: str = "extracting features") -> dict:
+    """{"features", "labels"} of a pipeline, with a progress bar over its `total` images."""
+    from finetune.progress_bar import progress_bar
     from finetune.train.evaluate import outputs_and_labels
 
-    features, labels = outputs_and_labels(extractor, ds)
+    with progress_bar(total, desc, "images") as bar:
+        features, labels = outputs_and_labels(extractor, ds, bar)
     return {"features": features.astype(np.float32, copy=False), "labels": labels.astype(np.int32)}
 
 

@@ -51,10 +51,11 @@ def predictions(model, ds):
     return y_true, np.argmax(outputs, axis=-1)
 
 
-def outputs_and_labels(model, ds) -> tuple:
+def outputs_and_labels(model, ds, bar=None) -> tuple:
     """(model outputs, labels) over a (x, label) pipeline, as arrays. One pass with predict_on_batch on one
     device; under a distribution strategy model.predict (predict_on_batch hands every replica the whole
-    batch and returns it once per replica) and a pass for the labels."""
+    batch and returns it once per replica) and a pass for the labels. `bar`: a progress bar
+    (finetune.progress_bar) advanced by the images of each batch (one device)."""
     import tensorflow as tf
 
     if tf.distribute.has_strategy():
@@ -65,4 +66,6 @@ def outputs_and_labels(model, ds) -> tuple:
     for inputs, batch_labels in ds:
         outputs.append(np.asarray(model.predict_on_batch(inputs)))
         labels.append(batch_labels.numpy())
+        if bar is not None:
+            bar.update(len(labels[-1]))
     return np.concatenate(outputs), np.concatenate(labels)

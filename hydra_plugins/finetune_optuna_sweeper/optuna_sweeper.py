@@ -146,6 +146,11 @@ class FinetuneOptunaSweeper(Sweeper):
                           best_mlflow_run_id=best.user_attrs.get("mlflow_run_id"))
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(result), self.sweep_dir / "optimization_results.yaml")
+        if complete:  # logged to the sweep's parent run when it ends (finetune.sweep.parent)
+            from finetune.sweep import optuna_study as osw
+            from finetune.sweep.parent import OPTUNA_PLOTS
+
+            osw.plot_study(study, self.sweep_dir / OPTUNA_PLOTS)
         print(f"[finetune] Optuna study {self.study_name!r}: {len(complete)} complete, {len(failed)} failed; "
               + (f"best {result['best_value']:.4f} with {result['best_params']}" if complete else "no result")
               + f"\n[finetune] results: {self.sweep_dir / 'optimization_results.yaml'}")
