@@ -22,7 +22,7 @@ ADMIN_PASSWORD = "admin-password-for-tests"
 USER, PASSWORD = "alice", "alice-password-for-tests"
 EXPERIMENT = "team"
 CHEAP = ["backbone=vgg16", "backbone.weights=null", "backbone.input_shape=[32,32]", "freeze=all",
-         "trainer.epochs=1", "trainer.batch_size=16", "trainer.verbose=0", *TINY_SHAPES]
+         "trainer.epochs=1", "trainer.batch_size=16", "trainer.verbose=0", "tracking.log_model=false", *TINY_SHAPES]
 
 
 def free_port() -> int:
@@ -120,8 +120,7 @@ def test_a_parallel_sweep_lands_as_one_parent_and_four_finished_children(cli, te
 def test_the_outage_journal_replays_into_the_server_after_a_restart(start_cli, team_server, login, tmp_path):
     from tests.test_tracking_outage import replayed_without_loss, run_through_an_outage
 
-    outcome = run_through_an_outage(start_cli, ["train", *CHEAP, f"tracking.experiment={EXPERIMENT}",
-                                                "tracking.log_model=false"],  # the journal, not a 59 MB upload
+    outcome = run_through_an_outage(start_cli, ["train", *CHEAP, f"tracking.experiment={EXPERIMENT}"],
                                     team_server, tmp_path / "out", tmp_path)
     team_server.start()
     run, _ = replayed_without_loss(team_server.port, outcome)
