@@ -19,11 +19,24 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.config.schema import OBJECTIVE_METRIC as OBJECTIVE
-from finetune.tracking.scope import PARENT_FILE, parent_run_id  # noqa: F401 - where sweep callers looked for them
-from finetune.tracking.store import RUN_ID_FILE  # noqa: F401 - where sweep callers looked for it
 OPTUNA_SWEEPER = "hydra_plugins.finetune_optuna_sweeper."  # prefix of its _target_
 STUDY_TAG = "optuna.study"
 OPTUNA_PLOTS = "optuna_plots"  # the sweep folder's Optuna plots, logged to the parent under this name
+
+
+def __getattr__(name: str):
+    """PARENT_FILE, parent_run_id, RUN_ID_FILE: where sweep callers looked for them, imported when asked.
+    Hydra builds this callback for every train command, single runs and dry runs too: importing the
+    tracking modules here would import MLflow (~1.5 s) into commands that never use it."""
+    if name in ("PARENT_FILE", "parent_run_id"):
+        from finetune.tracking import scope
+
+        return getattr(scope, name)
+    if name == "RUN_ID_FILE":
+        from finetune.tracking.store import RUN_ID_FILE
+
+        return RUN_ID_FILE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _command(config: DictConfig) -> str:
