@@ -23,7 +23,11 @@ SAME_WEIGHTS = ["backbone=vgg16", "backbone.weights=null", "backbone.input_shape
                 "head=linear", "head.dropout=0", "optimizer=sgd", "optimizer.lr=0.01", "trainer.precision=fp32",
                 "trainer.epochs=2", "trainer.batch_size=16", "trainer.verbose=2", "data=shapes",
                 "data.num_per_class=22", "data.image_size=32", "data.classes=[circle,square,triangle]"]
-TOLERANCE = 1e-5  # measured: 4.7e-7 (mirrored and multi-worker against one device)
+# Measured max |w(1 device) - w(2 replicas)|, same code, trainer.seed 0, 1, 2: 2.5e-4, 2.3e-5, 1.6e-4 (the
+# replicas' float32 all-reduce sums round differently, and 6 SGD steps through a random VGG16 amplify it;
+# the 4.7e-7 once measured here was one lucky initialisation). Gradients summed instead of averaged over
+# the 2 replicas (one device at lr 0.02 instead of 0.01) differ by 6.0e-3: 6x this tolerance
+TOLERANCE = 1e-3
 NO_ONEDNN = {"TF_ENABLE_ONEDNN_OPTS": "0"}
 
 
