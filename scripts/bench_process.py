@@ -160,40 +160,40 @@ def alternate(rep: int, first, second) -> tuple[dict, dict]:
     return first(), b
 
 
-def case_sweep8(bench: Bench, repeats: int) -> dict:
+def sweep_samples(bench: Bench, case: str, folder: Path, count: int, trials: list, sweep_args, repeats: int) -> dict:
+    """Both sides of a sweep case, `repeats` times: plain trains `trials`; finetune runs `-m` with
+    sweep_args(rep), a cold cache each time; plus the per-trial numbers of its child runs."""
     s = bench.sizes
-    train, val = write_images(bench.work / "images_small", s.small)
-    trials = [(head, lr) for head in ("linear", "mlp") for lr in LRS_8]
+    train, val = write_images(folder, count)
     samples = {"plain": [], "finetune": [], "trials": []}
     for rep in range(repeats):
-        experiment = f"sweep8_{rep}"
-        args = ["-m", *bench.common(train, val), f"trainer.epochs={s.sweep_epochs}", "head=linear,mlp",
-                "optimizer.lr=" + ",".join(f"{lr:g}" for lr in LRS_8)]
+        experiment = f"{case}_{rep}"
+        args = ["-m", *bench.common(train, val), f"trainer.epochs={s.sweep_epochs}", *sweep_args(rep)]
         plain, tuned = alternate(rep, lambda: bench.plain(train, val, s.sweep_epochs, trials),
                                  lambda: bench.finetune(args, bench.fresh("cache"), experiment))
         samples["plain"].append(plain)
         samples["finetune"].append(tuned)
         samples["trials"].append(bench.trial_numbers(experiment))
-        progress(f"sweep8 rep {rep}: plain {plain['seconds']:.1f} s, finetune {tuned['seconds']:.1f} s")
+        progress(f"{case} rep {rep}: plain {plain['seconds']:.1f} s, finetune {tuned['seconds']:.1f} s")
+    return samples
+
+
+def case_sweep8(bench: Bench, repeats: int) -> dict:
+    s = bench.sizes
+    trials = [(head, lr) for head in ("linear", "mlp") for lr in LRS_8]
+    samples = sweep_samples(bench, "sweep8", bench.work / "images_small", s.small, trials,
+                            lambda rep: ["head=linear,mlp", "optimizer.lr=" + ",".join(f"{lr:g}" for lr in LRS_8)],
+                            repeats)
     return summary(f"8-trial sweep, {s.small} images, {s.px} px, {s.sweep_epochs} epochs", samples, 4)
 
 
 def case_optuna32(bench: Bench, repeats: int) -> dict:
     s = bench.sizes
-    train, val = write_images(bench.work / "images_large", s.large)
     lrs = [10 ** (-4 + 2 * i / 15) for i in range(16)]
     trials = [("linear" if i % 2 == 0 else "mlp", lrs[i % 16]) for i in range(s.optuna_trials)]
-    samples = {"plain": [], "finetune": [], "trials": []}
-    for rep in range(repeats):
-        experiment = f"optuna32_{rep}"
-        args = ["-m", *bench.common(train, val), f"trainer.epochs={s.sweep_epochs}", "hparams_search=head_optuna",
-                f"hydra.sweeper.n_trials={s.optuna_trials}", f"hydra.sweeper.study_name=bench{rep}"]
-        plain, tuned = alternate(rep, lambda: bench.plain(train, val, s.sweep_epochs, trials),
-                                 lambda: bench.finetune(args, bench.fresh("cache"), experiment))
-        samples["plain"].append(plain)
-        samples["finetune"].append(tuned)
-        samples["trials"].append(bench.trial_numbers(experiment))
-        progress(f"optuna32 rep {rep}: plain {plain['seconds']:.1f} s, finetune {tuned['seconds']:.1f} s")
+    samples = sweep_samples(bench, "optuna32", bench.work / "images_large", s.large, trials,
+                            lambda rep: ["hparams_search=head_optuna", f"hydra.sweeper.n_trials={s.optuna_trials}",
+                                         f"hydra.sweeper.study_name=bench{rep}"], repeats)
     return summary(f"{s.optuna_trials}-trial Optuna head sweep, {s.large} images, {s.px} px, {s.sweep_epochs} epochs",
                    samples, 10)
 

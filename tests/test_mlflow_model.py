@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import TINY, TINY_SHAPES, runs_of, sweep_runs
+from tests.test_team_server import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -127,9 +127,7 @@ def test_pyfunc_serve_and_the_alias_agree_with_finetune_predict(single_run, regi
 
 def serve_and_post(model_uri: str, body: dict, store, cwd) -> dict:
     """`mlflow models serve --env-manager local` on a free loopback port; the answer to one request."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     # the scoring server is `uvicorn` from this environment's bin folder, as in an activated venv
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
