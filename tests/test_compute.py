@@ -47,7 +47,8 @@ def test_auto_precision_stays_within_tolerance_of_fp32_and_is_recorded(cli, mlfl
         experiment = f"precision_{precision}"
         result = cli("train", "backbone=vgg16", "backbone.weights=null", "backbone.input_shape=[32,32]",
                      "data=digits", "freeze=all", "head=linear", "trainer.epochs=4", "optimizer.lr=1e-3",
-                     "trainer.verbose=0", f"trainer.precision={precision}", experiment=experiment)
+                     "trainer.verbose=0", f"trainer.precision={precision}", "tracking.log_model=false",
+                     experiment=experiment)
         assert result.returncode == 0, result.stderr[-3000:]
         (run,) = runs_of(mlflow_client, experiment)
         expected = "fp32" if precision == "fp32" else auto

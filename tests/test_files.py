@@ -22,6 +22,16 @@ def test_atomic_write_replaces_in_one_step_and_cleans_up_on_error(tmp_path):
     assert sorted(os.listdir(target.parent)) == ["metrics.json"]  # no temp file left behind
 
 
+def test_a_linked_file_takes_no_second_copy_and_keeps_its_bytes_when_the_source_is_rewritten(tmp_path):
+    source = files.write_bytes(tmp_path / "model" / "model.keras", b"trained weights")
+    linked = files.link_or_copy(source, tmp_path / "mlflow_model" / "data" / "model.keras")
+    assert linked.read_bytes() == b"trained weights"
+    assert linked.stat().st_ino == source.stat().st_ino  # one file on disk under two names
+    files.write_bytes(source, b"retrained")  # finetune's writes replace by rename, never in place
+    assert source.read_bytes() == b"retrained" and linked.read_bytes() == b"trained weights"
+    assert sorted(os.listdir(linked.parent)) == ["model.keras"]  # no temp file left behind
+
+
 def test_keras_files_keep_their_suffix_and_load_back(tmp_path):
     import keras
     import numpy as np

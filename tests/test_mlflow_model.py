@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,7 +72,8 @@ def single_run(cli, mlflow_client):
     result = cli("train", *TINY, *TINY_SHAPES, "freeze=all", "tracking.run_name=alone", experiment=EXPERIMENT)
     assert result.returncode == 0, result.stderr[-3000:]
     [run] = [r for r in runs_of(mlflow_client, EXPERIMENT) if r.info.run_name == "alone"]
-    return run.info.run_id
+    line = next(line for line in result.stdout.splitlines() if line.strip().startswith("model "))
+    return run.info.run_id, Path(line.split(None, 1)[1].strip()).parents[1]
 
 
 def has_mlflow_model(client, run_id: str) -> bool:
@@ -81,6 +83,7 @@ def has_mlflow_model(client, run_id: str) -> bool:
 def test_a_run_logs_its_mlflow_model_with_a_signature_and_pinned_requirements(single_run, mlflow_client):
     from mlflow.models import Model
 
+    single_run, output = single_run
     folder = mlflow_client.download_artifacts(single_run, "mlflow_model")
     meta = Model.load(folder)
     inputs, outputs = meta.signature.inputs.to_dict(), meta.signature.outputs.to_dict()
@@ -93,6 +96,9 @@ def test_a_run_logs_its_mlflow_model_with_a_signature_and_pinned_requirements(si
     assert open(os.path.join(folder, "data", "model.keras"), "rb").read() == open(
         mlflow_client.download_artifacts(single_run, "model/model.keras"), "rb").read()
     assert json.load(open(os.path.join(folder, "data", "label_map.json")))["class_names"] == CLASSES
+    # and the run's output folder holds that file once on disk: the MLflow model links finetune's model.keras
+    assert (output / "mlflow_model" / "data" / "model.keras").stat().st_ino == (
+        output / "model" / "model.keras").stat().st_ino
 
 
 def test_compare_registers_the_best_sweep_job_with_an_alias(sweep, registered, mlflow_client):
@@ -110,6 +116,7 @@ def test_compare_registers_the_best_sweep_job_with_an_alias(sweep, registered, m
 
 
 def test_pyfunc_serve_and_the_alias_agree_with_finetune_predict(single_run, registered, cli, images, store, tmp_path):
+    single_run, _ = single_run
     import mlflow
 
     folder, batch = images

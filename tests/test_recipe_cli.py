@@ -17,6 +17,8 @@ pytestmark = pytest.mark.slow
 COUNTS = {"red": 36, "green": 6, "blue": 6}
 COMMON = ["backbone=vgg16", "backbone.weights=null", "backbone.input_shape=[32,32]", "freeze=all",
           "data=folder", "data.val_split=0.25", "trainer.batch_size=8", "trainer.epochs=3", "trainer.verbose=0"]
+# what these tests read is the run's parameters, metrics and plots: no model files (VGG16 ~60 MB each, 3 copies)
+NO_MODEL = "tracking.log_model=false"
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def imbalanced(tmp_path_factory):
 
 
 def test_cosine_warmup_class_weights_and_smoothing_are_what_the_run_records(cli, mlflow_client, imbalanced):
-    result = cli("train", *COMMON, f"data.path={imbalanced}", "schedule=cosine", "schedule.warmup_epochs=1",
+    result = cli("train", *COMMON, f"data.path={imbalanced}", NO_MODEL, "schedule=cosine", "schedule.warmup_epochs=1",
                  "loss.label_smoothing=0.1", "trainer.class_weight=balanced", experiment="e2e_recipe")
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs_of(mlflow_client, "e2e_recipe")
@@ -67,7 +69,7 @@ def test_cosine_warmup_class_weights_and_smoothing_are_what_the_run_records(cli,
 
 def test_balanced_sampler_and_plateau_on_cached_features(cli, mlflow_client, imbalanced):
     """With augment=light and 2 cached views: the head trains on cached features of augmented images."""
-    result = cli("train", *COMMON, f"data.path={imbalanced}", "data.sampler=balanced", "schedule=plateau",
+    result = cli("train", *COMMON, f"data.path={imbalanced}", NO_MODEL, "data.sampler=balanced", "schedule=plateau",
                  "augment=light", "trainer.feature_cache_views=2",
                  "schedule.patience=1", "loss=focal", "optimizer.ema=true", "trainer.accumulate_steps=2",
                  experiment="e2e_recipe_sampler")
@@ -83,7 +85,7 @@ def test_balanced_sampler_and_plateau_on_cached_features(cli, mlflow_client, imb
 
 
 def test_lr_auto_runs_the_range_test_and_trains_at_its_suggestion(cli, mlflow_client, imbalanced):
-    result = cli("train", *COMMON, f"data.path={imbalanced}", "optimizer.lr=auto", "trainer.lr_find_steps=30",
+    result = cli("train", *COMMON, f"data.path={imbalanced}", NO_MODEL, "optimizer.lr=auto", "trainer.lr_find_steps=30",
                  "trainer.epochs=1", experiment="e2e_recipe_lr_auto")
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs_of(mlflow_client, "e2e_recipe_lr_auto")
@@ -112,7 +114,7 @@ def test_lr_find_command_logs_the_plot_and_suggestion_and_trains_nothing(cli, ml
 def test_gradual_unfreezing_trains_one_more_block_each_epoch_on_one_schedule(cli, mlflow_client, imbalanced):
     """VGG16's block map: stem, block1..block5, top (pooling, no weights): the head, then block5, then
     block4 too; the cosine schedule spans the 3 epochs (warmup once)."""
-    result = cli("train", *COMMON, f"data.path={imbalanced}", "freeze=gradual", "freeze.every=1",
+    result = cli("train", *COMMON, f"data.path={imbalanced}", NO_MODEL, "freeze=gradual", "freeze.every=1",
                  "schedule=cosine", "trainer.bn_recalibration=false", "optimizer.layer_decay=0.5",
                  "freeze.lr_mult={block1: 0.01}", experiment="e2e_recipe_gradual")
     assert result.returncode == 0, result.stderr[-3000:]

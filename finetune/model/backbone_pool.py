@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from finetune import files
 
 
 @dataclass
@@ -66,10 +67,10 @@ def digest(backbone, compute) -> str:
 
 
 def save_weights(backbone, path: Path, save) -> None:
-    """save(backbone, path); a kept backbone's file is written once and copied after that."""
+    """save(backbone, path); a kept backbone's file is written once and linked (or copied) after that."""
     entry = _entry(backbone)
     if entry is not None and entry.weights_file is not None and entry.weights_file.is_file():
-        shutil.copyfile(entry.weights_file, path)
+        files.link_or_copy(entry.weights_file, path)
         return
     save(backbone, path)
     if entry is not None:

@@ -5,7 +5,7 @@ registry take as it is.
 A run's artifacts then hold the model twice, under distinct names:
   model/          model.keras + label_map.json + config.yaml: what finetune's commands load (runs:/<id>/model)
   mlflow_model/   MLmodel, requirements, data/model.keras (the same file) + label_map.json + config.yaml
-The second is written from the first without TensorFlow work: Keras' file is copied, not saved again, and
+The second is written from the first without TensorFlow work: Keras' file is linked (or copied), not saved again, and
 the signature comes from the label map (images of the model's input shape, 0-255 floats, in; one
 probability per class out). So a run that did not log it (an older one) gets it on demand
 (`finetune compare compare.register=...`).
@@ -20,19 +20,21 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
+from finetune import files
+
 FOLDER = "mlflow_model"
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 
 
 class _SavedKerasFile:
     """What mlflow.keras.save_model saves: it calls `model.save(path)`; this copies the file finetune
-    already saved (same bytes, no second save)."""
+    already saved (same bytes, no second save: a hard link where it can be, see files.link_or_copy)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def save(self, destination, **_):
-        shutil.copyfile(self.path, destination)
+        files.link_or_copy(self.path, destination)
 
 
 def signature(label_map: dict):

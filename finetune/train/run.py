@@ -145,17 +145,15 @@ _previews: dict[str, Path] = {}  # the previews drawn in this process, by what d
 def record_augmentation_preview(run: Run) -> None:
     """augmentation_preview.png: the first 16 training images as the model sees them (augmented, mixed).
     Drawn once per process for the same training images, input size, seed and augmentation: a sweep's
-    next trial copies it (the 16-image plot takes longer than a head trains on cached features)."""
-    import shutil
-
-    from finetune import tracking
+    next trial links (or copies) it (the 16-image plot takes longer than a head trains on cached features)."""
+    from finetune import files, tracking
     from finetune.config.schema import choice as name_of
     from finetune.train import reports
 
     path, policy = run.out / "augmentation_preview.png", run.cfg.augment
     key = preview_key(run)
     if key in _previews and _previews[key].is_file():
-        shutil.copyfile(_previews[key], path)
+        files.link_or_copy(_previews[key], path)
     else:
         images, titles = preview_images(run)
         reports.plot_image_grid(images, titles, path,
