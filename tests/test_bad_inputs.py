@@ -89,6 +89,8 @@ CASES = [
     ("outputs_into_dataset", "train", ["data=folder", "data.path={f}/photos", "hydra.run.dir={f}/photos/run"],
      ["hydra.run.dir", "data.path", "read back as data"]),
     ("tracking_store_under_file", "train", ["tracking.uri=sqlite:///{f}/afile/mlflow.db"], ["tracking.uri", "is a file"]),
+    ("tracking_file_store", "train", [*SMALL, "tracking.uri=file://{f}/mlruns"],  # MLflow 3 refuses it
+     ["tracking.uri", "sqlite:///", "MLFLOW_ALLOW_FILE_STORE=true"]),
     # backbone combinations (command checks, before TensorFlow)
     ("top_with_pooling", "extract", ["backbone.include_top=true", "backbone.weights=null"],
      ["backbone.pooling", "avg", "include_top=true"]),

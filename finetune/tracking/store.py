@@ -47,6 +47,10 @@ def use_experiment(cfg_tracking) -> str:
     return startup_call(uri, _use_experiment, cfg_tracking, uri)
 
 
+# MLflow 3's switch for its filesystem store (file:, ./mlruns), which it otherwise refuses with a traceback
+FILE_STORE_SWITCH = "MLFLOW_ALLOW_FILE_STORE"
+
+
 def startup_call(uri: str, function, *args, **kwargs):
     """`function(*args, **kwargs)` before a run's Session exists (finding the experiment, starting the run):
     on a remote server, bounded to 2 retries (~3 s), and an unreachable server is one FinetuneError line."""
@@ -54,7 +58,17 @@ def startup_call(uri: str, function, *args, **kwargs):
     from finetune.tracking import outage
 
     if not outage.is_remote(uri):
-        return function(*args, **kwargs)
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001
+            if FILE_STORE_SWITCH not in str(error):
+                raise
+            from finetune.errors import ConfigError
+
+            raise ConfigError("tracking.uri", uri, "a database store such as sqlite:///<folder>/mlflow.db, or a "
+                                                   "tracking server: this MLflow refuses its filesystem store (mlruns/)",
+                              f"An existing mlruns/ moves over with `mlflow migrate-filestore`; to use it as it is, "
+                              f"set {FILE_STORE_SWITCH}=true") from None
     try:
         with outage.bounded_http(retries=outage.STARTUP_RETRIES):
             return function(*args, **kwargs)
