@@ -207,10 +207,15 @@ def trained_model(cli, mlflow_client):
                  experiment="fixture_trained_model")
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs_of(mlflow_client, "fixture_trained_model")
-    line = next(line for line in result.stdout.splitlines() if line.strip().startswith("model "))
-    model_dir = Path(line.split(None, 1)[1].strip()).parent
+    model_dir = printed_model_file(result.stdout).parent
     return {"run_id": run.info.run_id, "model_dir": model_dir, "classes": ["circle", "square", "triangle"],
             "overrides": data, "registered": "models:/fixture-model/1"}
+
+
+def printed_model_file(stdout: str) -> Path:
+    """The model.keras path a train run's summary prints on its `model <path>` line."""
+    line = next(line for line in stdout.splitlines() if line.strip().startswith("model "))
+    return Path(line.split(None, 1)[1].strip())
 
 
 ARTIFACTS = {"config.yaml", "overrides.yaml", "label_map.json", "confusion_matrix.png",

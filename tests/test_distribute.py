@@ -62,7 +62,7 @@ def step_seconds(out: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def one_device(tmp_path_factory, cache_dir):
+def one_device_and_mirrored(tmp_path_factory, cache_dir):
     """The one-device run and the 2-replica mirrored run, started together (each process is mostly
     start-up and tracing on one core; the step times printed below are then not a speed measure)."""
     from mlflow import MlflowClient
@@ -75,10 +75,10 @@ def one_device(tmp_path_factory, cache_dir):
     return folder, finished(alone), finished(mirrored)
 
 
-def test_mirrored_on_two_logical_cpus_trains_the_same_weights_as_one_device(one_device):
+def test_mirrored_on_two_logical_cpus_trains_the_same_weights_as_one_device(one_device_and_mirrored):
     from mlflow import MlflowClient
 
-    folder, one_out, out = one_device
+    folder, one_out, out = one_device_and_mirrored
     assert "distribution: strategy mirrored, 2 replica(s) (2 logical CPU device(s)" in out, out[-3000:]
     difference = largest_difference(weights(folder, "one_device"), weights(folder, "mirrored"))
     print(f"max |w(1 device) - w(2 replicas)| = {difference:.2e}; s/step 1 device {step_seconds(one_out)}, "
@@ -91,10 +91,10 @@ def test_mirrored_on_two_logical_cpus_trains_the_same_weights_as_one_device(one_
     assert params["none"]["compute.replicas"] == "1"
 
 
-def test_two_worker_processes_train_the_same_weights_and_only_the_chief_records(one_device, cache_dir):
+def test_two_worker_processes_train_the_same_weights_and_only_the_chief_records(one_device_and_mirrored, cache_dir):
     from mlflow import MlflowClient
 
-    folder, _, _ = one_device
+    folder, _, _ = one_device_and_mirrored
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     workers = [train(folder, cache_dir, f"worker{i}", "multi_worker",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from finetune.errors import ConfigError
-from tests.conftest import REPO, artifact_paths, cli_env, one_error_line, runs_of
+from tests.conftest import REPO, artifact_paths, cli_env, one_error_line, printed_model_file, runs_of
 from tests.test_config import compose
 
 keras_hub = pytest.importorskip("keras_hub", reason="the [hub] extra (keras-hub) is not installed")
@@ -141,7 +141,7 @@ def test_train_gradual_export_and_load_with_plain_keras(cli, mlflow_client, pres
                                          key=lambda m: m.step)]
     assert per_epoch == [head, head + size["stack1"], head + size["stack1"] + size["stack0"]]
     assert run.data.params["backbone.preset"] == str(presets / "resnet_tiny")
-    model_path = next(line.split()[-1] for line in result.stdout.splitlines() if line.strip().startswith("model "))
+    model_path = printed_model_file(result.stdout)
 
     exported = cli("export", f"model={model_path}", "export.formats=[keras,tflite]", "export.check_samples=8",
                    experiment="hub_gradual")

@@ -11,12 +11,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import TINY, TINY_SHAPES, runs_of, sweep_runs
+from tests.conftest import TINY, TINY_SHAPES, printed_model_file, runs_of, sweep_runs
 from tests.test_team_server import free_port
 
 pytestmark = pytest.mark.slow
@@ -72,8 +71,7 @@ def single_run(cli, mlflow_client):
     result = cli("train", *TINY, *TINY_SHAPES, "freeze=all", "tracking.run_name=alone", experiment=EXPERIMENT)
     assert result.returncode == 0, result.stderr[-3000:]
     [run] = [r for r in runs_of(mlflow_client, EXPERIMENT) if r.info.run_name == "alone"]
-    line = next(line for line in result.stdout.splitlines() if line.strip().startswith("model "))
-    return run.info.run_id, Path(line.split(None, 1)[1].strip()).parents[1]
+    return run.info.run_id, printed_model_file(result.stdout).parents[1]
 
 
 def has_mlflow_model(client, run_id: str) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TINY, TINY_SHAPES, runs_of
+from tests.conftest import TINY, TINY_SHAPES, printed_model_file, runs_of
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +24,6 @@ RUN = ["backbone=vgg16", "backbone.weights=null", "backbone.input_shape=[32,32]"
        "trainer.verbose=0", *TINY_SHAPES, "freeze=last_n", "freeze.n=2", "head.dropout=0",
        f"trainer.epochs={EPOCHS}", "trainer.steps_per_epoch=8", "trainer.bn_recalibration=false",
        "trainer.early_stopping.enabled=false"]
-
-
-def model_file(stdout: str) -> Path:
-    line = next(line for line in stdout.splitlines() if line.strip().startswith("model "))
-    return Path(line.split(None, 1)[1].strip())
 
 
 def weights_of(path: Path) -> list[np.ndarray]:
@@ -98,13 +93,13 @@ def test_killed_then_terminated_run_resumes_in_the_same_run_to_the_same_weights(
     for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
         steps = sorted(m.step for m in client.get_metric_history(run_id, metric))
         assert steps == list(range(EPOCHS)), (metric, steps)
-    resumed_model = model_file(third.stdout)
+    resumed_model = printed_model_file(third.stdout)
     assert not (resumed_model.parents[1] / "checkpoint").exists()  # superseded by the saved model
 
     # an uninterrupted run of the same config ends with the same weights (seeded data order)
     reference = cli("train", *RUN, "trainer.resume=never", experiment="resume_reference", cwd=store)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    expected, got = weights_of(model_file(reference.stdout)), weights_of(resumed_model)
+    expected, got = weights_of(printed_model_file(reference.stdout)), weights_of(resumed_model)
     assert len(expected) == len(got)
     for a, b in zip(expected, got):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)

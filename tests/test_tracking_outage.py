@@ -22,7 +22,7 @@ from finetune.tracking.journal import JOURNAL_NAME, Journal, replay
 from finetune.tracking.journal import describe as journal_describe
 from finetune.tracking.outage import Session, bounded_http
 
-from .conftest import TINY, TINY_SHAPES, cli_env
+from .conftest import TINY, TINY_SHAPES, cli_env, printed_model_file
 
 
 class FakeClient:
@@ -582,8 +582,7 @@ def small_model(cli, mlflow_client):
     the session's trained_model takes); what it predicts does not matter here."""
     result = cli("train", *TINY, "backbone=vgg16", *TINY_SHAPES, experiment="outage_model")
     assert result.returncode == 0, result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.strip().startswith("model "))
-    return {"model": Path(line.split(None, 1)[1].strip()), "overrides": TINY_SHAPES}
+    return {"model": printed_model_file(result.stdout), "overrides": TINY_SHAPES}
 
 
 @pytest.mark.slow
