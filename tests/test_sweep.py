@@ -1,6 +1,7 @@
 """Hydra multirun through the CLI: one MLflow parent run per sweep, one child per job, none left RUNNING."""
 from __future__ import annotations
 
+import csv
 
 import pytest
 
@@ -59,9 +60,20 @@ HEAD_ONLY = ["backbone=vgg16", "backbone.weights=null", "backbone.input_shape=[3
              "trainer.batch_size=8", "trainer.verbose=0", "freeze=all"]
 
 
+def write_images(folder, kinds):
+    from PIL import Image
+
+    from finetune.data.shapes import render
+
+    folder.mkdir(parents=True)
+    for i, kind in enumerate(kinds):
+        Image.fromarray(render(kind, 100 + i, 32, 5)).save(folder / f"{i}_{kind}.png")
+
+
 def test_head_only_jobs_share_the_sweep_process_and_train_as_alone(cli, mlflow_client, tmp_path):
     # frozen backbone, cached features: the jobs run in the sweep's process (one backbone built, the cache
     # filled by the first job), and each trains exactly as the same config alone in a fresh process does
+    write_images(tmp_path / "images", ["circle", "square", "triangle"])
     result = cli("train", "-m", *HEAD_ONLY, *TINY_SHAPES, "head=linear,mlp", "optimizer.lr=1e-2,1e-3",
                  experiment="head_only_sweep", env={"FINETUNE_CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -74,11 +86,22 @@ def test_head_only_jobs_share_the_sweep_process_and_train_as_alone(cli, mlflow_c
     assert [line.split(" jobs done")[0] for line in progress] == [f"[sweep] {n}/4" for n in range(1, 5)], progress
     best = max(c.data.metrics["final_val_accuracy"] for c in children)
     assert f"best final_val_accuracy {best:.4f}" in progress[-1], progress[-1]
-    for child in by_job:  # every child holds a whole image model and its backbone
+    best_id = parent.data.tags["best_run_id"]
+    for child in by_job:  # every child holds its model: its head and backbone weights, and the best one the
+        # whole image model too (assembled when the sweep ended; the others' when first loaded)
         logged = {a.path for a in mlflow_client.list_artifacts(child.info.run_id, "model")}
-        assert "model/model.keras" in logged, logged
+        assert {"model/head.keras", "model/backbone.weights.h5", "model/label_map.json"} <= logged, logged
+        assert ("model/model.keras" in logged) == (child.info.run_id == best_id), (child.info.run_id, logged)
         assert [a.path for a in mlflow_client.list_artifacts(child.info.run_id, "backbone")] == [
             "backbone/backbone.weights.h5"]
+    deferred = next(c for c in by_job if c.info.run_id != best_id)
+    predicted = cli("predict", f"model={deferred.info.run_id}", f"images={tmp_path / 'images'}",
+                    f"predict.output={tmp_path / 'deferred.csv'}", experiment="head_only_sweep")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert "assembling" in predicted.stdout, predicted.stdout[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "deferred.csv")))
+    assert len(rows) == 3 and all(abs(sum(float(v) for k, v in r.items() if k.startswith("prob_")) - 1) < 1e-4
+                                  for r in rows), rows
     alone = cli("train", *HEAD_ONLY, *TINY_SHAPES, "head=mlp", "optimizer.lr=1e-3", experiment="head_only_alone",
                 env={"FINETUNE_CACHE_DIR": str(tmp_path / "cache_alone")})
     assert alone.returncode == 0, alone.stderr[-3000:]

@@ -133,9 +133,18 @@ def _print_summary(metrics, run_id, experiment_id, output_dir, uri) -> None:
     for key, value in sorted(shown.items()):
         print(f"  {key:<24} {value:.4f}")
     print(f"  run id                   {run_id}")
-    print(f"  model                    {output_dir / 'model' / 'model.keras'}")
+    print(f"  model                    {model_shown(output_dir / 'model')}")
     print(f"  outputs                  {output_dir}")
     print(f"  look at it               {ui_hint(uri, experiment_id, run_id)}")
+
+
+def model_shown(folder: Path) -> str:
+    """The model file, or for a sweep job's deferred model the folder and when its model.keras appears."""
+    from finetune.model import deferred
+
+    if deferred.is_deferred(folder):
+        return f"{folder} (head + backbone weights; model.keras is assembled when first loaded)"
+    return str(folder / deferred.MODEL_FILE)
 
 
 def objective(metrics: dict) -> float | None:

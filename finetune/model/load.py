@@ -1,7 +1,9 @@
 """Finding a trained model: an MLflow run id, a models:/ URI (version or alias), or a path to a .keras file.
 
 A model folder (what `finetune train` writes and logs as the run's `model/` artifact) holds
-model.keras, label_map.json (class names, input shape, preprocessing) and config.yaml.
+model.keras, label_map.json (class names, input shape, preprocessing) and config.yaml. A sweep's
+head-only job holds its head and backbone weights instead: model.keras is assembled on first load
+(finetune.model.deferred).
 """
 from __future__ import annotations
 
@@ -149,7 +151,7 @@ def _run_of_model_version(uri: str) -> str | None:
 
 
 def _bundle_from_folder(folder: Path, ref: str, run_id: str | None, model_file: Path | None = None) -> ModelBundle:
-    model_file = model_file or next(iter(sorted(folder.rglob("*.keras"))), None)
+    model_file = _model_file(folder, model_file)
     if model_file is None or model_file.suffix != ".keras":
         raise ConfigError("model", ref, "a .keras model saved by finetune train (or a folder holding one)")
     labels = model_file.parent / "label_map.json"
@@ -163,3 +165,19 @@ def _bundle_from_folder(folder: Path, ref: str, run_id: str | None, model_file: 
         config = OmegaConf.load(config_file)
     return ModelBundle(model_path=model_file, label_map=json.loads(labels.read_text()),
                        config=config, run_id=run_id)
+
+
+def _model_file(folder: Path, model_file: Path | None) -> Path | None:
+    """The folder's .keras model; a sweep job's deferred model folder (its head and backbone weights,
+    finetune.model.deferred) gets its model.keras assembled now, once."""
+    from finetune.model import deferred
+
+    if model_file is not None and model_file.name == deferred.HEAD_FILE:  # the head file itself was named
+        folder, model_file = model_file.parent, None
+    if model_file is not None:
+        return model_file
+    for candidate in [folder, *sorted(p.parent for p in folder.rglob(deferred.HEAD_FILE))]:
+        if deferred.is_deferred(candidate):
+            print(f"   assembling {candidate / deferred.MODEL_FILE} from its head and backbone weights")
+            return deferred.assemble(candidate)
+    return next(iter(sorted(p for p in folder.rglob("*.keras") if p.name != deferred.HEAD_FILE)), None)

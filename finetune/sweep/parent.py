@@ -106,6 +106,25 @@ def end_parent(config: DictConfig, status: str, reason: str | None = None) -> No
     parent.end(status)
 
 
+def assemble_best(client, run_id: str, sweep_dir: Path) -> None:
+    """The best job's model.keras when the job deferred it (finetune.model.deferred): assembled in its
+    folder and added to its run's `model/` artifact, so that the model a user loads next is whole."""
+    from finetune.model import deferred
+    from finetune.tracking.store import RUN_ID_FILE
+
+    for id_file in sorted(sweep_dir.glob(f"*/{RUN_ID_FILE}")):
+        folder = id_file.parent / "model"
+        if id_file.read_text().strip() != run_id or not deferred.is_deferred(folder):
+            continue
+        model = deferred.assemble(folder)
+        print(f"best job's model: {model} (assembled from its head and backbone weights)")
+        try:
+            client.log_artifact(run_id, str(model), "model")
+        except Exception as error:  # noqa: BLE001 - the store is down: the file is there, loaders find it
+            print(f"could not add it to run {run_id}'s model/ artifact ({type(error).__name__}); loading "
+                  "that run's model assembles it again")
+
+
 class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         import os
@@ -192,6 +211,7 @@ class MlflowSweepCallback(Callback):
             best = max(scored, key=lambda r: r.data.metrics[OBJECTIVE])
             parent.log_metrics({f"best_{OBJECTIVE}": best.data.metrics[OBJECTIVE]})
             parent.set_tag("best_run_id", best.info.run_id)
+            assemble_best(client, best.info.run_id, Path(str(config.hydra.sweep.dir)))
         parent.log_metrics({"jobs": len(children), "failed_jobs": sum(r.info.status == "FAILED" for r in children)})
         for plot in sorted((Path(str(config.hydra.sweep.dir)) / OPTUNA_PLOTS).glob("*.png")):  # Optuna's plots
             parent.log_artifact(plot, OPTUNA_PLOTS)

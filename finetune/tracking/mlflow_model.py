@@ -3,7 +3,9 @@ signature and pinned requirements), which `mlflow models serve`, `mlflow.pyfunc.
 registry take as it is.
 
 A run's artifacts then hold the model twice, under distinct names:
-  model/          model.keras + label_map.json + config.yaml: what finetune's commands load (runs:/<id>/model)
+  model/          model.keras + label_map.json + config.yaml: what finetune's commands load (runs:/<id>/model);
+                  a sweep's head-only job logs head.keras + backbone.weights.h5 instead, until model.keras
+                  is assembled (finetune.model.deferred)
   mlflow_model/   MLmodel, requirements, data/model.keras (the same file) + label_map.json + config.yaml
 The second is written from the first without TensorFlow work: Keras' file is linked (or copied), not saved again, and
 the signature comes from the label map (images of the model's input shape, 0-255 floats, in; one
@@ -81,12 +83,17 @@ def ensure_logged(client, run_id: str, work: Path) -> str:
     or with tracking.log_model=false but a model folder) gets it now, from its `model/` artifact."""
     run = client.get_run(run_id)
     if not any(a.path == f"{FOLDER}/MLmodel" for a in client.list_artifacts(run_id, FOLDER)):
-        if not any(a.path == "model/model.keras" for a in client.list_artifacts(run_id, "model")):
+        from finetune.model import deferred
+
+        logged = {a.path for a in client.list_artifacts(run_id, "model")}
+        if not logged & {f"model/{deferred.MODEL_FILE}", f"model/{deferred.HEAD_FILE}"}:
             from finetune.errors import ConfigError
 
             raise ConfigError("compare.register", run_id, "a best run that logged its model (model/model.keras); "
                                                           "it was trained with tracking.log_model=false")
         local = Path(client.download_artifacts(run_id, "model", str(work)))
+        if deferred.is_deferred(local):  # a sweep job's head + backbone weights: model.keras, assembled once
+            client.log_artifact(run_id, str(deferred.assemble(local)), "model")
         client.log_artifacts(run_id, str(write(local, work / FOLDER)), FOLDER)
     return f"{run.info.artifact_uri.rstrip('/')}/{FOLDER}"
 

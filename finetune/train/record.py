@@ -14,7 +14,7 @@ from finetune import files, tracking
 from finetune.tracking import mlflow_model
 from finetune.tracking.scope import sweep_child_tags
 from finetune.config.schema import choice
-from finetune.model import backbone_pool
+from finetune.model import backbone_pool, deferred
 from finetune.model.freeze import format_plan, plan_json
 from finetune.train import reports
 
@@ -122,20 +122,27 @@ def record_stage_params(index: int, stage, trainable: int, frozen: int | None = 
     tracking.set_tag(prefix, stage.name)
 
 
-def save_and_record(cfg, out: Path, model, backbone, progress) -> None:
+def save_and_record(cfg, out: Path, model, backbone, progress, head_model=None) -> None:
     """The plots, the model folder (model.keras + label map + config: what predict/evaluate/export load),
     the trained backbone alone (reusable as backbone.weights=<file>), the same model in MLflow's format
     (mlflow_model/: `mlflow models serve`, pyfunc; a sweep's jobs leave it to `finetune compare
-    compare.register=...`, which adds it to the best run) and the registry entry (of that MLflow model)."""
+    compare.register=...`, which adds it to the best run) and the registry entry (of that MLflow model).
+
+    `head_model`: the head over the backbone's features, when only it trained. A sweep's job then writes
+    the head and the backbone's weights instead of model.keras (finetune.model.deferred), which is
+    assembled when the model is first loaded, and by the sweep for its best job."""
     reports.plot_training_curves(progress.history, progress.stage_starts, out / "training_curves.png")
     for name in ("confusion_matrix.png", "confusion_matrix.csv", "training_curves.png", "metrics.json"):
         tracking.log_artifact(str(out / name))
     model_dir = out / "model"
     model_dir.mkdir(exist_ok=True)
-    files.save_model(model, model_dir / "model.keras")
+    backbone_pool.save_weights(backbone, out / "backbone.weights.h5", files.save_weights)  # once per kept backbone
+    if defers_model(cfg, head_model):
+        deferred.write(model_dir, head_model, out / "backbone.weights.h5")
+    else:
+        files.save_model(model, model_dir / "model.keras")
     for name in ("label_map.json", "config.yaml"):
         (model_dir / name).write_bytes((out / name).read_bytes())
-    backbone_pool.save_weights(backbone, out / "backbone.weights.h5", files.save_weights)  # once per kept backbone
     if not cfg.tracking.log_model:
         return
     tracking.log_artifact(str(model_dir), "model")
@@ -147,3 +154,9 @@ def save_and_record(cfg, out: Path, model, backbone, progress) -> None:
         version = tracking.register_model(cfg.tracking.register_model, mlflow_model.FOLDER)
         print(f"   registered as models:/{cfg.tracking.register_model}/{version}" if version
               else "   model registration kept for later (tracking server unreachable)")
+
+
+def defers_model(cfg, head_model) -> bool:
+    """Whether this run writes its model deferred: a sweep's job that trained a head alone, whose model
+    is not registered now."""
+    return head_model is not None and bool(sweep_child_tags()) and not cfg.tracking.register_model

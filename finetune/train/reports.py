@@ -55,7 +55,9 @@ def plot_training_curves(history: dict[str, list[float]], stage_starts: list[tup
         ax.set_xlabel("epoch")
         ax.set_title(metric)
         ax.legend()
-    fig.tight_layout()
+    # fixed margins: the two panels never change shape, and tight_layout's extra draw is a third of the plot's
+    # time (~0.05 s of 0.15 s on 2 cores), paid by every sweep trial
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.92, wspace=0.18)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

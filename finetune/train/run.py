@@ -95,7 +95,8 @@ def train_on_images(cfg, spec, dataset, output_dir: Path, resume: dict | None = 
             fitted = Fitted(model, images, model)
         metrics = evaluate_model(fitted.model, fitted.inputs, run.classes, out, f"{spec.name} on {dataset.name}",
                                  train_counts=run.train_counts)
-        save_and_record(cfg, out, fitted.image_model, parts.backbone, run.progress)
+        save_and_record(cfg, out, fitted.image_model, parts.backbone, run.progress,
+                        head_model=None if fitted.model is fitted.image_model else fitted.model)
         run.progress.discard()
     return metrics
 

@@ -139,7 +139,8 @@ class ScheduleCallback(keras.callbacks.Callback):
         s = self.update_index(self.epoch, int(batch))
         lr = rate(self.cfg, self.plan, s, self.scale)
         if not self.steps or self.steps[-1][0] != s:
-            self.model.optimizer.learning_rate = lr
+            if not self.steps or self.steps[-1][1] != lr:  # a constant rate is set once (each set is an op)
+                self.model.optimizer.learning_rate = lr
             self.steps.append((s, lr))
 
     def on_epoch_end(self, epoch, logs=None):
