@@ -75,3 +75,17 @@ def save_weights(backbone, path: Path, save) -> None:
     save(backbone, path)
     if entry is not None:
         entry.weights_file = Path(path)
+
+
+def kept_with_weights(path: Path):
+    """The kept backbone whose saved weights file `path` is (a hard link to it: the same bytes, from this very
+    backbone, which a head-only run never changes), else None."""
+    import os
+
+    entry = _last
+    if entry is None or entry.weights_file is None:
+        return None
+    try:
+        return entry.backbone if os.path.samefile(entry.weights_file, path) else None
+    except OSError:
+        return None

@@ -50,12 +50,14 @@ def write(folder: Path, head_model, backbone_weights: Path) -> Path:
 
 def assemble(folder: Path, safe_mode: bool = True) -> Path:
     """`folder`/model.keras from its head, backbone weights and config (the run's backbone group, with
-    its weights read from the folder's file); returns its path. Already there: returned as it is."""
+    its weights read from the folder's file; or the backbone this process keeps, when the file was saved
+    from it: finetune.model.backbone_pool); returns its path. Already there: returned as it is."""
     import keras
     from omegaconf import OmegaConf
 
     from finetune import files
-    from finetune.model.assemble import Parts, assemble as assemble_parts, backbone_from_config
+    from finetune.model import backbone_pool
+    from finetune.model.assemble import Parts, assemble as assemble_parts, backbone_from_config, input_shape_of
     from finetune.model.backbones import spec_for
     from finetune.model.preprocessing import preprocessing
 
@@ -71,9 +73,11 @@ def assemble(folder: Path, safe_mode: bool = True) -> Path:
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(_built_in(folder))  # the backbone as the run built it (mixed precision)
     try:
-        backbone, shape = backbone_from_config(cfg_backbone, spec)
-        backbone.trainable = False
-        parts = Parts(spec=spec, input_shape=shape, preprocess=preprocessing(spec.preprocess, name="preprocess"),
+        backbone = backbone_pool.kept_with_weights(folder / BACKBONE_FILE)
+        if backbone is None:
+            backbone, _ = backbone_from_config(cfg_backbone, spec)
+            backbone.trainable = False
+        parts = Parts(spec=spec, input_shape=input_shape_of(cfg_backbone, spec), preprocess=preprocessing(spec.preprocess, name="preprocess"),
                       backbone=backbone, head=head_layers, blocks=[])
         model = assemble_parts(parts, backbone_training=False)
     finally:
