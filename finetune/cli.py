@@ -40,9 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: command: received {command!r}; expected one of {', '.join(COMMANDS)}"
               f"{did_you_mean(command, COMMANDS)}", file=sys.stderr)
         return 2
+    from finetune.app.keras_import import keras_without_sklearn
     from finetune.app.tf_logs import quiet_tensorflow
 
     quiet_tensorflow()  # TensorFlow's start-up lines off the terminal, unless FINETUNE_TF_LOGS=1
+    keras_without_sklearn()  # ~0.8 s less start-up: Keras' scikit-learn wrappers, which finetune never uses
     from finetune.app.hydra_app import precheck, run_app
 
     message = precheck(command, rest)

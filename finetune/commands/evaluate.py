@@ -160,10 +160,7 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str], k
     metrics = {"loss": float(np.mean(-np.log(true_p))), "accuracy": float(np.mean(predicted == labels)),
                f"top{k}_accuracy": float(np.mean(rank < k)), "macro_f1": scores["macro_f1"],
                "size": float(len(labels))}
-    from sklearn.metrics import confusion_matrix
-
-    matrix = confusion_matrix(labels, predicted, labels=list(range(len(classes))))
-    return metrics, per_class, matrix
+    return metrics, per_class, reports.confusion_matrix(labels, predicted, len(classes))
 
 
 

@@ -44,7 +44,8 @@ def write(folder: Path, head_model, backbone_weights: Path) -> Path:
     files.link_or_copy(backbone_weights, folder / BACKBONE_FILE)
     files.write_text(folder / ASSEMBLY_FILE, json.dumps({
         "dtype_policy": keras.config.dtype_policy().name, "head": HEAD_FILE, "backbone_weights": BACKBONE_FILE,
-        "note": f"{MODEL_FILE} is assembled from these when first loaded (finetune predict/evaluate/export)"}, indent=1))
+        "note": f"{MODEL_FILE} is assembled from these when first loaded (finetune predict/evaluate/export)"},
+        indent=1))
     return folder
 
 
@@ -68,7 +69,7 @@ def assemble(folder: Path, safe_mode: bool = True) -> Path:
     cfg = OmegaConf.load(folder / "config.yaml")
     cfg_backbone = OmegaConf.merge(cfg.backbone, {"weights": str((folder / BACKBONE_FILE).resolve())})
     spec = spec_for(cfg_backbone)
-    head = keras.saving.load_model(str(folder / HEAD_FILE), safe_mode=safe_mode, compile=False)  # Keras' layers only
+    head = keras.saving.load_model(str(folder / HEAD_FILE), safe_mode=safe_mode, compile=False)  # Keras' layers
     head_layers = [layer for layer in head.layers if not isinstance(layer, keras.layers.InputLayer)]
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(_built_in(folder))  # the backbone as the run built it (mixed precision)
@@ -77,8 +78,8 @@ def assemble(folder: Path, safe_mode: bool = True) -> Path:
         if backbone is None:
             backbone, _ = backbone_from_config(cfg_backbone, spec)
             backbone.trainable = False
-        parts = Parts(spec=spec, input_shape=input_shape_of(cfg_backbone, spec), preprocess=preprocessing(spec.preprocess, name="preprocess"),
-                      backbone=backbone, head=head_layers, blocks=[])
+        parts = Parts(spec=spec, input_shape=input_shape_of(cfg_backbone, spec), backbone=backbone,
+                      preprocess=preprocessing(spec.preprocess, name="preprocess"), head=head_layers, blocks=[])
         model = assemble_parts(parts, backbone_training=False)
     finally:
         keras.config.set_dtype_policy(policy)

@@ -72,9 +72,11 @@ def _die_with(parent_pid: int) -> None:
 def _child() -> int:
     request = pickle.loads(sys.stdin.buffer.read())
     _die_with(request["parent_pid"])
+    from finetune.app.keras_import import keras_without_sklearn
     from finetune.app.tf_logs import quiet_tensorflow
 
     quiet_tensorflow()  # as the CLI does: TensorFlow's start-up lines off the terminal (FINETUNE_TF_LOGS=1 shows them)
+    keras_without_sklearn()  # as the CLI does: Keras without its scikit-learn wrappers
     from hydra.core.hydra_config import HydraConfig
 
     from finetune.config.schema import register_configs

@@ -6,14 +6,31 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """[true class, predicted class] counts (scikit-learn's confusion_matrix with labels=range(num_classes);
+    numpy here, so that a run never imports scikit-learn: ~0.8 s a process on 2 cores)."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    return matrix
+
+
+def precision_recall_f1(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class, from a confusion matrix; 0 where a ratio has nothing to divide by (scikit-learn's
+    zero_division=0)."""
+    hits = np.diag(matrix).astype(np.float64)
+    predicted, actual = matrix.sum(axis=0), matrix.sum(axis=1)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, actual, out=np.zeros_like(hits), where=actual > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
+    return precision, recall, f1
 
 
 def per_class_metrics(y_true, y_pred, class_names: list[str]) -> dict[str, float]:
     """{"<split>_precision_<class>": ...} style dict without the split prefix."""
-    labels = list(range(len(class_names)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0)
+    precision, recall, f1 = precision_recall_f1(confusion_matrix(y_true, y_pred, len(class_names)))
     out = {}
     for i, name in enumerate(class_names):
         out[f"precision_{name}"] = float(precision[i])
@@ -24,7 +41,7 @@ def per_class_metrics(y_true, y_pred, class_names: list[str]) -> dict[str, float
 
 
 def plot_confusion_matrix(y_true, y_pred, class_names: list[str], path, title: str) -> np.ndarray:
-    matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(class_names))))
+    matrix = confusion_matrix(y_true, y_pred, len(class_names))
     size = max(4.0, 0.5 * len(class_names) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")
