@@ -212,6 +212,19 @@ def trained_model(cli, mlflow_client):
             "overrides": data, "registered": "models:/fixture-model/1"}
 
 
+def write_shape_images(folder: Path, kinds: list[str]) -> list:
+    """One 32-px PNG per kind in `folder` (`<i>_<kind>.png`); returns their pixels (uint8 HxWx3)."""
+    from PIL import Image
+
+    from finetune.data.shapes import render
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = [render(kind, 100 + i, 32, 5) for i, kind in enumerate(kinds)]
+    for i, (kind, image) in enumerate(zip(kinds, pixels)):
+        Image.fromarray(image).save(folder / f"{i}_{kind}.png")
+    return pixels
+
+
 def printed_model_file(stdout: str) -> Path:
     """The model.keras path a train run's summary prints on its `model <path>` line."""
     line = next(line for line in stdout.splitlines() if line.strip().startswith("model "))

@@ -15,7 +15,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.conftest import TINY, TINY_SHAPES, printed_model_file, runs_of, sweep_runs
+from tests.conftest import TINY, TINY_SHAPES, printed_model_file, runs_of, sweep_runs, write_shape_images
 from tests.test_team_server import free_port
 
 pytestmark = pytest.mark.slow
@@ -35,17 +35,9 @@ def sweep(cli, mlflow_client, store):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """Four 32-px PNGs and the same pixels as the float32 batch the MLflow model takes (0-255)."""
-    from PIL import Image
-
-    from finetune.data.shapes import render
-
     folder = tmp_path_factory.mktemp("images")
-    arrays = []
-    for i, kind in enumerate(["circle", "square", "triangle", "circle"]):
-        pixels = render(kind, 100 + i, 32, 5)
-        Image.fromarray(pixels).save(folder / f"{i}_{kind}.png")
-        arrays.append(pixels.astype(np.float32))
-    return folder, np.stack(arrays)
+    pixels = write_shape_images(folder, ["circle", "square", "triangle", "circle"])
+    return folder, np.stack(pixels).astype(np.float32)
 
 
 def finetune_probabilities(cli, model: str, folder, out) -> np.ndarray:

@@ -5,7 +5,7 @@ import csv
 
 import pytest
 
-from tests.conftest import TINY, TINY_SHAPES, runs_of, sweep_runs
+from tests.conftest import TINY, TINY_SHAPES, runs_of, sweep_runs, write_shape_images
 
 pytestmark = pytest.mark.slow
 
@@ -60,20 +60,10 @@ HEAD_ONLY = ["backbone=vgg16", "backbone.weights=null", "backbone.input_shape=[3
              "trainer.batch_size=8", "trainer.verbose=0", "freeze=all"]
 
 
-def write_images(folder, kinds):
-    from PIL import Image
-
-    from finetune.data.shapes import render
-
-    folder.mkdir(parents=True)
-    for i, kind in enumerate(kinds):
-        Image.fromarray(render(kind, 100 + i, 32, 5)).save(folder / f"{i}_{kind}.png")
-
-
 def test_head_only_jobs_share_the_sweep_process_and_train_as_alone(cli, mlflow_client, tmp_path):
     # frozen backbone, cached features: the jobs run in the sweep's process (one backbone built, the cache
     # filled by the first job), and each trains exactly as the same config alone in a fresh process does
-    write_images(tmp_path / "images", ["circle", "square", "triangle"])
+    write_shape_images(tmp_path / "images", ["circle", "square", "triangle"])
     result = cli("train", "-m", *HEAD_ONLY, *TINY_SHAPES, "head=linear,mlp", "optimizer.lr=1e-2,1e-3",
                  experiment="head_only_sweep", env={"FINETUNE_CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
