@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from finetune.model.backbones import spec_for
+from finetune.model.predict_fn import predict_batch
 from finetune.progress_bar import progress_bar
 from finetune.errors import ConfigError
 from finetune.data.images import list_images
@@ -85,7 +86,7 @@ def classify_images(cfg, spec, images: list[str], class_index) -> list[dict]:
         for first in range(0, len(images), batch_size):
             paths = images[first:first + batch_size]
             batch = tf.stack([load_image(p, size) for p in paths])
-            probs = np.asarray(model.predict_on_batch(batch))
+            probs = predict_batch(model, batch)
             for path, p in zip(paths, probs):
                 for rank, k in enumerate(np.argsort(-p, kind="stable")[:top_k], start=1):
                     wnid, name = class_index[int(k)]

@@ -20,6 +20,7 @@ import numpy as np
 
 from finetune.config.schema import choice
 from finetune.errors import ConfigError, DataError
+from finetune.model.predict_fn import predict_batch
 from finetune.tracking.store import metric_key
 from finetune.app.checks import positive_int
 
@@ -129,7 +130,7 @@ def _predict_split(bundle, dataset, split: str, batch_size: int, safe_mode: bool
     for images, y in ds:
         probs.append(test_time.predict(model, images, tta, "evaluate.tta"))
         if tta != "none":
-            plain.append(np.asarray(model.predict_on_batch(images), dtype=np.float64))
+            plain.append(predict_batch(model, images).astype(np.float64))
         labels.append(y.numpy())
     probs, labels = np.concatenate(probs), np.concatenate(labels).astype(np.int64)
     plain = np.concatenate(plain) if plain else None

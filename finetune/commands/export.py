@@ -18,6 +18,7 @@ import numpy as np
 
 from finetune.progress_bar import progress_bar
 from finetune.model import export as exporting
+from finetune.model.predict_fn import predict_batch
 from finetune.errors import ConfigError, DataError
 
 
@@ -43,7 +44,7 @@ def run(cfg, output_dir: Path) -> dict:
 
     safe_mode = bool(cfg.model_safe_mode)
     model = exporting.load_for_export(bundle.model_path, safe_mode)  # no optimizer state
-    reference = np.asarray(model.predict_on_batch(check), np.float32)  # what every export must reproduce
+    reference = predict_batch(model, check).astype(np.float32, copy=False)  # what every export must reproduce
     rows, failures, warnings = [], [], []
     written: dict[str, Path] = {}
     with progress_bar(len(formats), "exporting and checking", "formats") as bar:

@@ -11,6 +11,7 @@ import numpy as np
 from finetune import files
 from finetune.progress_bar import progress_bar
 from finetune.model.backbones import spec_for
+from finetune.model.predict_fn import predict_batch
 from finetune.config.schema import choice
 from finetune.features.extract import MANIFEST, feature_model, write_features
 from finetune.app.checks import check_backbone
@@ -66,7 +67,7 @@ def extract(cfg, spec, dataset, images, out: Path) -> dict:
     features, labels, paths, splits = [], [], [], []
     with progress_bar(total, "extracting features", "images") as bar:
         for split, (x, y), names in batches:
-            features.append(np.asarray(model.predict_on_batch(x)))
+            features.append(predict_batch(model, x))
             labels.append(np.asarray(y))
             paths.extend(names)
             splits.extend([split] * len(names))

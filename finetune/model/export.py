@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import ConfigError, FinetuneError, did_you_mean
+from finetune.model.predict_fn import predict_batch
 
 FORMATS = ("keras", "saved_model", "tflite", "onnx")
 # format -> the packages it needs beyond finetune's own (import names), and the extra that installs them
@@ -208,7 +209,7 @@ def keras_predictor(path: Path, safe_mode: bool = True):
     from finetune.model.load import load_model
 
     model = load_model(path, safe_mode=safe_mode)  # safe mode unless the user trusted the source model
-    return lambda images: np.asarray(model.predict_on_batch(images), dtype=np.float32)
+    return lambda images: predict_batch(model, images).astype(np.float32, copy=False)
 
 
 def saved_model_predictor(path: Path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from finetune.registry import lookup
+from finetune.model.predict_fn import predict_batch
 
 CROP = 0.875  # a corner crop keeps 87.5% of each side (224 of 256, as ImageNet evaluation crops)
 
@@ -46,4 +47,4 @@ VIEWS = {"none": _none, "flip": _flip, "flip_crops": _flip_crops}
 def predict(model, images, mode: str = "none", key: str = "tta") -> np.ndarray:
     """Class probabilities of a batch, averaged over the views of `mode` (float64 [B, classes])."""
     views = lookup(VIEWS, key, mode)(images)
-    return np.mean([np.asarray(model.predict_on_batch(view), dtype=np.float64) for view in views], axis=0)
+    return np.mean([predict_batch(model, view).astype(np.float64) for view in views], axis=0)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune import tracking
+from finetune.model.predict_fn import predict_batch
 from finetune.train import imbalance, reports
 from finetune.train.distribute import shard_by_data
 from finetune.train.stages import expected_end_of_data
@@ -64,7 +65,7 @@ def outputs_and_labels(model, ds, bar=None) -> tuple:
             return np.asarray(model.predict(shard_by_data(ds), verbose=0)), np.concatenate(labels)
     outputs, labels = [], []
     for inputs, batch_labels in ds:
-        outputs.append(np.asarray(model.predict_on_batch(inputs)))
+        outputs.append(predict_batch(model, inputs))
         labels.append(batch_labels.numpy())
         if bar is not None:
             bar.update(len(labels[-1]))
