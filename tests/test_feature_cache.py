@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +62,12 @@ def test_frozen_training_extracts_once_then_reuses_the_features(cli, mlflow_clie
         assert plain.data.metrics[name] == pytest.approx(miss.data.metrics[name], abs=2e-3), name
     # degenerate (all-equal) features would leave the loss at ln(3) and make this comparison empty
     assert abs(miss.data.metrics["loss"] - math.log(3)) > 0.05, "features carry no signal"
+
+    # the augmentation preview is drawn once, kept in the cache folder, and reused by the next runs
+    (kept,) = (tmp_path / "previews").glob("*.png")
+    previews = [Path(mlflow_client.download_artifacts(r.info.run_id, "augmentation_preview.png", str(tmp_path / name)))
+                for r, name in ((miss, "a"), (hit, "b"), (plain, "c"))]
+    assert all(p.read_bytes() == kept.read_bytes() for p in previews)
 
     env = {"FINETUNE_CACHE_DIR": str(tmp_path)}
     listed = cli("cache", env=env)

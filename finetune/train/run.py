@@ -30,6 +30,7 @@ from finetune.train.evaluate import evaluate_model
 from finetune.train.inputs import Inputs, feature_inputs, image_inputs
 from finetune.train.optim import compile_model
 from finetune.train.progress import Progress
+from finetune.train.preview import record_augmentation_preview
 from finetune.train.record import Setup, record_setup, record_stage, save_and_record, weights_description
 from finetune.train import distribute, imbalance, layer_lr, schedules
 from finetune.train.stages import Stage, fit_stage, plan_stages
@@ -137,73 +138,6 @@ def train_stage(run: Run, index: int, stage: Stage, first_epoch: int, resume: di
     if bn_layers:
         recalibrate(run, model, bn_layers, last_epoch - 1)
     return fitted
-
-
-PREVIEW_IMAGES = 16
-_previews: dict[str, Path] = {}  # the previews drawn in this process, by what decides them (a sweep's next trial)
-
-
-def record_augmentation_preview(run: Run) -> None:
-    """augmentation_preview.png: the first 16 training images as the model sees them (augmented, mixed).
-    Drawn once per process for the same training images, input size, seed and augmentation: a sweep's
-    next trial links (or copies) it (the 16-image plot takes longer than a head trains on cached features)."""
-    from finetune import files, tracking
-    from finetune.config.schema import choice as name_of
-    from finetune.train import reports
-
-    path, policy = run.out / "augmentation_preview.png", run.cfg.augment
-    key = preview_key(run)
-    if key in _previews and _previews[key].is_file():
-        files.link_or_copy(_previews[key], path)
-    else:
-        images, titles = preview_images(run)
-        reports.plot_image_grid(images, titles, path,
-                                f"training images as the model sees them: augment={name_of(policy.name)}"
-                                + (f", mixup={policy.mixup:g}" if policy.mixup else "")
-                                + (f", cutmix={policy.cutmix:g}" if policy.cutmix else ""))
-        _previews[key] = path
-    tracking.log_artifact(str(path))
-
-
-def preview_key(run: Run) -> str:
-    import json
-
-    from omegaconf import OmegaConf
-
-    from finetune.features.cache import split_fingerprint
-
-    cfg = run.cfg
-    return json.dumps([split_fingerprint(run.dataset, "train"), OmegaConf.to_container(cfg.augment, resolve=True,
-                       enum_to_str=True), int(cfg.data.seed), str(cfg.data.get("sampler", "none")),
-                       list(run.parts.input_shape)], sort_keys=True, default=str)
-
-
-def preview_images(run: Run) -> tuple[list, list[str]]:
-    """The first training batch of 16 as the model sees it, with a title per image (its class, or the two
-    largest shares of a mixed label)."""
-    import numpy as np
-
-    from finetune.data import make_pipeline
-
-    # its own pipeline (same seed, same policy): iterating the run's training pipeline here would move its
-    # shuffle and augmentation draws on by an iteration, and training would no longer match a resumed run
-    # or the same run on cached features
-    cfg = run.cfg
-    pipeline = make_pipeline(run.dataset, "train", tuple(run.parts.input_shape[:2]), PREVIEW_IMAGES, training=True,
-                             seed=int(cfg.data.seed), cache="off", augment=cfg.augment,
-                             sampler=choice(cfg.data.get("sampler", "none")))
-    images, titles = [], []
-    for x, y in pipeline.take(1):
-        for image, label in zip(x.numpy(), y.numpy()):
-            label = np.asarray(label)
-            if label.ndim:  # one-hot, mixed: the two largest shares
-                top = np.argsort(label)[::-1][:2]
-                text = " + ".join(f"{run.classes[c]} {label[c]:.2f}" for c in top if label[c] > 0.005)
-            else:
-                text = run.classes[int(label)]
-            images.append(image)
-            titles.append(text)
-    return images[:PREVIEW_IMAGES], titles[:PREVIEW_IMAGES]
 
 
 def training_counts(dataset, images: Inputs, needed: bool):
