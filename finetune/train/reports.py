@@ -80,15 +80,30 @@ def plot_training_curves(history: dict[str, list[float]], stage_starts: list[tup
 
 
 def plot_image_grid(images, titles: list[str], path, title: str, columns: int = 4) -> None:
-    """Images (float 0..255, [n, h, w, 3]) in a grid with a title each: what the model is fed."""
+    """Images (float 0..255, [n, h, w, 3]) in a grid with a title each: what the model is fed. One canvas
+    in one axes (16 axes and their layout took twice as long to draw), each image shown at an integer
+    scale of at least 128 pixels, without resampling."""
+    from matplotlib.figure import Figure
+
+    images = [np.clip(np.asarray(image), 0, 255).astype(np.uint8) for image in images]
+    h, w = max(i.shape[0] for i in images), max(i.shape[1] for i in images)
+    scale = max(1, -(-128 // min(h, w)))
+    gap, label = max(2, 8 // scale), max(4, 16 // scale)  # canvas pixels between images, above each for its title
     rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2 * rows + 0.4), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, image, text in zip(axes.ravel(), images, titles):
-        ax.imshow(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
-        ax.set_title(text, fontsize=7)
+    canvas = np.full((rows * (label + h + gap), columns * (w + gap) - gap, 3), 255, np.uint8)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        top, left = row * (label + h + gap) + label, column * (w + gap)
+        canvas[top:top + image.shape[0], left:left + image.shape[1]] = image[..., :3]
+    header = 28  # screen pixels for the title
+    height, width = canvas.shape[0] * scale, canvas.shape[1] * scale
+    fig = Figure(figsize=(width / 80, (height + header) / 80))
+    ax = fig.add_axes((0, 0, 1, height / (height + header)))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_axis_off()
+    for index, text in enumerate(titles[:len(images)]):
+        row, column = divmod(index, columns)
+        ax.text(column * (w + gap) + w / 2, row * (label + h + gap) + label - 1, text, ha="center", va="bottom",
+                fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
