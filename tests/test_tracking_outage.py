@@ -107,6 +107,36 @@ def test_outage_is_journaled_breaker_skips_the_network_and_replay_keeps_steps(tm
     assert Journal(s.journal.path).pending() == []  # what was sent is recorded as sent
 
 
+def test_held_metrics_go_in_one_call_before_anything_else_and_an_outage_journals_them(tmp_path, capsys):
+    """A run's session holds metrics up to hold_s: fast epochs' metrics and learning-rate series go together."""
+    client, clock = FakeClient(), Clock()
+    journal = Journal(tmp_path / JOURNAL_NAME, {"tracking_uri": "http://127.0.0.1:1", "run_id": "run1"})
+    s = Session("run1", "http://127.0.0.1:1", journal, client=client, clock=clock, hold_s=1.0,
+                ender=lambda status: client.set_terminated("run1", status))
+    for step in range(3):  # three fast epochs: nothing sent yet
+        clock.t += 0.2
+        s.log_metrics({"loss": 1.0 - step / 10, "accuracy": step / 10}, step=step)
+        s.log_series("lr", [(2 * step, 0.1), (2 * step + 1, 0.1)])
+    assert client.calls == 0
+    s.set_tags({"stage1": "train"})  # anything else sends what is held first, in one log_batch
+    assert client.calls == 2 and [m[2] for m in client.metrics if m[0] == "loss"] == [0, 1, 2]
+    assert [m[2] for m in client.metrics if m[0] == "lr"] == list(range(6)) and client.tags == {"stage1": "train"}
+
+    clock.t += 5  # a slow epoch's metrics go at once
+    s.log_metrics({"loss": 0.5}, step=3)
+    assert client.calls == 3
+    client.up = False
+    clock.t += 0.1
+    s.log_metrics({"loss": 0.4}, step=4)  # held; the end sends it, fails, journals it
+    assert client.calls == 3
+    s.end("FINISHED")
+    assert [e["op"] for e in Journal(s.journal.path).pending()] == ["metrics", "end_run"]
+    assert "is unreachable" in capsys.readouterr().err
+    client.up = True
+    replay(s.journal.path, client=client)
+    assert [m[2] for m in client.metrics if m[0] == "loss"] == [0, 1, 2, 3, 4] and client.ended[0] == "FINISHED"
+
+
 def test_a_metric_series_is_one_call_journaled_whole_and_replayed_with_its_steps(tmp_path, capsys):
     """learning_rate_per_update: an epoch's updates go in one call, and an outage keeps their steps."""
     client, clock = FakeClient(), Clock()

@@ -27,6 +27,7 @@ extract.output, export.output, predict.output, classify.output, compare.output) 
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -122,17 +123,24 @@ def _defined_in_module(target: str) -> bool:
     if source is None or not 1 <= len(rest) <= 2:
         return False
     try:
-        tree = ast.parse(source.read_text())
+        defined = _definitions(str(source), source.stat().st_mtime_ns)
     except (OSError, SyntaxError, ValueError):
         return False
-    defined = {n.name: n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))}
     if rest[0] not in defined:
         return False
-    if len(rest) == 2:
-        owner = defined[rest[0]]
-        return isinstance(owner, ast.ClassDef) and any(
-            isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == rest[1] for n in owner.body)
-    return True
+    methods = defined[rest[0]]
+    return len(rest) == 1 or (methods is not None and rest[1] in methods)
+
+
+@functools.lru_cache(maxsize=64)
+def _definitions(path: str, mtime_ns: int) -> dict:
+    """{name: its method names (a class) or None (a function)} of a module's top level. Cached per file
+    version: every job of a sweep checks the same targets (parsing a module took ~10 ms a job)."""
+    tree = ast.parse(Path(path).read_text())
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef)
+    return {n.name: (frozenset(m.name for m in n.body if isinstance(m, functions))
+                     if isinstance(n, ast.ClassDef) else None)
+            for n in tree.body if isinstance(n, (ast.ClassDef, *functions))}
 
 
 def check_overrides(overrides: list[str], multirun: bool = True) -> str | None:
@@ -180,7 +188,6 @@ def _checked_key(key: str) -> bool:
 def install_guard() -> None:
     """Check every config Hydra loads, also where the CLI's precheck does not compose one (-cn, -cp, -cd,
     sweep jobs): one line and exit 2 before Hydra configures logging or instantiates a callback."""
-    import functools
     import sys
 
     try:

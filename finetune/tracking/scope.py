@@ -162,7 +162,8 @@ def _scoped(command: str, uri: str, run_id: str, experiment_id: str, output_dir,
     folder.mkdir(parents=True, exist_ok=True)
     (folder / id_file).write_text(run_id)
     journal = Journal(folder / JOURNAL_NAME, {"tracking_uri": uri, "run_id": run_id})
-    return Run(run_id, str(experiment_id), uri, command, outage.Session(run_id, uri, journal), owned=owned)
+    session = outage.Session(run_id, uri, journal, hold_s=outage.HOLD_METRICS_S)
+    return Run(run_id, str(experiment_id), uri, command, session, owned=owned)
 
 
 def run_info(uri: str, run_id: str):
