@@ -38,7 +38,8 @@ def test_grid_sweep_makes_parent_and_children(cli, mlflow_client):
     assert sorted(c.info.run_name for c in children) == [f"job {n}" for n in range(2)]
     by_job = sorted(children, key=lambda c: int(c.data.tags["finetune.sweep_job"]))
     rss = [c.data.metrics["process_rss_mb"] for c in by_job]
-    assert max(rss) - min(rss) < RSS_SPREAD_LIMIT_MB, f"memory grows from job to job: {rss}"
+    # growth over the first job's (which alone draws the augmentation preview the next jobs link: it may be higher)
+    assert max(rss) - rss[0] < RSS_SPREAD_LIMIT_MB, f"memory grows from job to job: {rss}"
     assert len({c.data.tags["finetune.process_id"] for c in children}) == 2, "jobs shared a process"
     best = max(c.data.metrics["final_val_accuracy"] for c in children)
     assert parent.data.metrics["best_final_val_accuracy"] == best

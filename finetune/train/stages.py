@@ -94,8 +94,26 @@ def fit_stage(model, train_ds, val_ds, *, first_epoch: int, epochs: int, callbac
     from finetune.train.distribute import shard_by_data
 
     train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
+    build_optimizer(model)
     with expected_end_of_data():
         return model.fit(train_ds, validation_data=val_ds, initial_epoch=first_epoch,
                          epochs=first_epoch + epochs, callbacks=callbacks, class_weight=class_weight,
                          steps_per_epoch=steps_per_epoch, verbose=verbose,
                          shuffle=False)  # the pipeline shuffles; this only silences Keras
+
+
+def build_optimizer(model) -> None:
+    """Create the optimizer's slots (Adam's moments, ...) for the model's trainable weights now, eagerly.
+    Keras creates them at the first update, inside the traced train step, where each variable is lifted
+    out of the graph: ~0.15 s of a small head's ~0.6 s trace here, paid by every trial of a sweep (eagerly:
+    ~0.015 s). The same weights as Keras would use (those trainable when fit starts). Under a distribution
+    strategy Keras keeps doing it, inside the strategy's replica context."""
+    import tensorflow as tf
+
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or getattr(optimizer, "built", True) or tf.distribute.has_strategy():
+        return
+    import keras
+
+    with keras.name_scope(optimizer.name, caller=optimizer):  # as Keras names them
+        optimizer.build(list(model.trainable_variables))
