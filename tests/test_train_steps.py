@@ -40,3 +40,31 @@ def test_every_head_ends_in_the_classifier(name):
     kinds = [type(layer).__name__ for layer in layers]
     assert kinds == {"linear": ["Dropout", "Dense"], "mlp": ["Dense", "Dropout", "Dense"],
                      "flatten_mlp": ["Flatten", "Dense", "Dropout", "Dense"]}[name]
+
+
+def test_a_fit_builds_the_optimizer_eagerly_and_gives_the_graph_optimizer_back():
+    """fit_stage creates the optimizer's slots before tracing (the same variables Keras would make), and a
+    head on cached features trains with Grappler off, which is on again afterwards."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from finetune.train.stages import fit_stage
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax", name="d")], name="m")
+    model.compile(keras.optimizers.Adam(1e-2, name="adam"), "sparse_categorical_crossentropy")
+    x, y = np.random.default_rng(0).random((16, 4), np.float32), np.arange(16) % 3
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    seen = []
+
+    class Options(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False))
+
+    history = fit_stage(model, ds, ds, first_epoch=0, epochs=2, callbacks=[Options()], steps_per_epoch=None,
+                        verbose=0, small_graph=True)
+    assert seen == [True, True] and not tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer")
+    assert len(history.history["loss"]) == 2 and int(model.optimizer.iterations.numpy()) == 4
+    assert sorted(v.path for v in model.optimizer.variables) == [
+        "adam/iteration", "adam/learning_rate", "adam/m_d_bias_momentum", "adam/m_d_bias_velocity",
+        "adam/m_d_kernel_momentum", "adam/m_d_kernel_velocity"]

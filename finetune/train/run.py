@@ -132,7 +132,7 @@ def train_stage(run: Run, index: int, stage: Stage, first_epoch: int, resume: di
                         callbacks=stage_callbacks(cfg.trainer, index, first_epoch, run.progress, schedule,
                                                   ema=bool(cfg.optimizer.ema)),
                         steps_per_epoch=fitted.inputs.steps_per_epoch, verbose=int(cfg.trainer.verbose),
-                        class_weight=run.class_weight)
+                        class_weight=run.class_weight, small_graph=fitted.model is not model)
     record_schedule(run.out, index, stage, schedule)
     last_epoch = run.progress.add(history, start)
     if bn_layers:
