@@ -99,6 +99,8 @@ def test_head_only_jobs_share_the_sweep_process_and_train_as_alone(cli, mlflow_c
     [single] = runs_of(mlflow_client, "head_only_alone")
     [same] = [c for c in by_job if (c.data.params["head.name"], c.data.params["optimizer.lr"]) == ("mlp", "0.001")]
     assert same.data.tags["finetune.sweep_job"] == "3"  # the last job: after three others in that process
+    # jobs 1 and 3 differ from the job before only in optimizer.lr: they reuse its head and traced steps
+    assert result.stdout.count("head and traced train step reused") == 2, result.stdout[-3000:]
     compared = [m for m in single.data.metrics if m.startswith(("final_val_", "test_"))]
     assert "final_val_loss" in compared and "final_val_accuracy" in compared, compared
     for metric in compared:

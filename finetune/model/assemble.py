@@ -87,10 +87,11 @@ def backbone_from_config(cfg_backbone, spec: BackboneSpec):
 
 
 def build_parts(cfg_backbone, cfg_head, spec: BackboneSpec, num_classes: int, shared_key: str | None = None,
-                head_seed: int | None = None) -> Parts:
+                head_seed: int | None = None, head_layers: list | None = None) -> Parts:
     """The backbone (`shared_key`: the one kept in this process for that key, finetune.model.backbone_pool)
-    and a new head. `head_seed`: the random state is reset to it before the head is built, so that the
-    head starts the same whether the backbone was built just now or kept."""
+    and a new head (or `head_layers`, a kept one: finetune.train.head_reuse). `head_seed`: the random state
+    is reset to it before the head is built, so that the head starts the same whether the backbone was
+    built just now or kept."""
     if shared_key is None:
         backbone, shape = backbone_from_config(cfg_backbone, spec)
     else:
@@ -101,7 +102,7 @@ def build_parts(cfg_backbone, cfg_head, spec: BackboneSpec, num_classes: int, sh
         keras.utils.set_random_seed(int(head_seed))
     return Parts(spec=spec, input_shape=shape,
                  preprocess=preprocessing(spec.preprocess, name="preprocess"),
-                 backbone=backbone, head=build_head(cfg_head, num_classes),
+                 backbone=backbone, head=head_layers if head_layers is not None else build_head(cfg_head, num_classes),
                  blocks=block_map(spec, backbone))
 
 

@@ -32,8 +32,9 @@ from finetune.train.optim import compile_model
 from finetune.train.progress import Progress
 from finetune.train.preview import record_augmentation_preview
 from finetune.train.record import Setup, record_setup, record_stage, save_and_record, weights_description
-from finetune.train import distribute, imbalance, layer_lr, schedules
-from finetune.train.stages import Stage, fit_stage, plan_stages
+from finetune.train import distribute, head_reuse, imbalance, layer_lr, schedules
+from finetune.train.head_only import stage_policies
+from finetune.train.stages import Stage, build_optimizer, fit_stage, plan_stages
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Run:
     train_counts: Any = None  # training images per class (None: unknown without a pass over the data)
     class_weight: dict | None = None
     block_lr: dict | None = None  # {block name: learning-rate multiplier} (layer decay, freeze.lr_mult)
+    head_key: str | None = None  # finetune.train.head_reuse: the key its head is kept under
 
     @property
     def classes(self) -> list[str]:
@@ -70,10 +72,13 @@ def train_on_images(cfg, spec, dataset, output_dir: Path, resume: dict | None = 
     out.mkdir(parents=True, exist_ok=True)
     with keras_session(cfg, spec) as compute:
         images = image_inputs(cfg, dataset, input_shape_of(cfg.backbone, spec))
-        parts = build_parts(cfg.backbone, cfg.head, spec, len(dataset.class_names),
-                            shared_key=shared_backbone(cfg, compute), head_seed=int(cfg.trainer.seed))
+        shared = shared_backbone(cfg, compute)
+        head_key = head_reuse.key_of(cfg, shared, len(dataset.class_names), len(stage_policies(cfg))) \
+            if resume is None else None
+        parts = build_parts(cfg.backbone, cfg.head, spec, len(dataset.class_names), shared_key=shared,
+                            head_seed=int(cfg.trainer.seed), head_layers=head_reuse.kept_layers(head_key))
         check_freeze_built(cfg, parts)
-        run = Run(cfg, out, dataset, parts, images, compute, Progress.for_run(cfg, parts, out))
+        run = Run(cfg, out, dataset, parts, images, compute, Progress.for_run(cfg, parts, out), head_key=head_key)
         run.train_counts = training_counts(dataset, images, needed=str(cfg.trainer.class_weight) == "balanced")
         run.class_weight = record_class_weight(cfg, run.classes, run.train_counts)
         run.block_lr = record_block_lr(cfg, parts.blocks)
@@ -197,12 +202,28 @@ def prepare_stage(run: Run, stage: Stage) -> StageReady:
     batchnorm.set_momentum(bn_layers, batchnorm.momentum_for(run.images.steps_per_epoch))
     fitted = (on_cached_features(run, stage, model) if uses_feature_cache(cfg, backbone_trains, bn_layers)
               else Fitted(model, run.images, model))
-    compile_model(fitted.model, cfg.optimizer, 1e-3 if math.isnan(stage.lr) else stage.lr, len(run.classes),
-                  jit_compile=run.compute.jit_compile, cfg_loss=cfg.loss, one_hot=mixes(cfg.augment),
-                  accumulate=int(cfg.trainer.accumulate_steps))
+    fitted = compiled(run, fitted, 1e-3 if math.isnan(stage.lr) else stage.lr, head_alone=fitted.model is not model)
     if backbone_trains and run.block_lr:  # per-block rates (finetune.train.layer_lr)
         layer_lr.with_lr_multipliers(fitted.model.optimizer, layer_lr.variable_multipliers(parts.blocks, run.block_lr))
     return StageReady(plan, fitted, bn_layers, backbone_trains)
+
+
+def compiled(run: Run, fitted: Fitted, lr: float, head_alone: bool) -> Fitted:
+    """`fitted.model` compiled at `lr`. A head alone that the previous job kept for the same config comes
+    back instead, reset to its start (finetune.train.head_reuse); a new one is kept for the next job."""
+    cfg, key = run.cfg, run.head_key if head_alone else None
+    kept = head_reuse.kept_model(key, run.parts.head)
+    if kept is not None:
+        head_reuse.restart(kept, lr)
+        print(f"   {head_reuse.REUSED}: the previous job's, reset to its start (only optimizer.lr differs)")
+        return dataclasses.replace(fitted, model=kept)
+    compile_model(fitted.model, cfg.optimizer, lr, len(run.classes), jit_compile=run.compute.jit_compile,
+                  cfg_loss=cfg.loss, one_hot=mixes(cfg.augment), accumulate=int(cfg.trainer.accumulate_steps))
+    if key is not None:
+        build_optimizer(fitted.model)
+        if fitted.model.optimizer.built:  # not under a distribution strategy, where Keras builds it in fit
+            head_reuse.keep(key, run.parts.head, fitted.model)
+    return fitted
 
 
 def range_test_only(cfg, spec, dataset, output_dir: Path) -> float:
