@@ -6,6 +6,7 @@ about as much as training that head. Such a trial writes its model folder as
 
     head.keras            the trained head over the backbone's features (a few layers; milliseconds)
     backbone.weights.h5   the frozen backbone's weights (a hard link to the run's own copy)
+    assembly.json         the Keras dtype policy the run built its backbone in (mixed precision or not)
     label_map.json, config.yaml
 
 and `assemble` builds the same image model the run trained (preprocessing + backbone in inference mode +
