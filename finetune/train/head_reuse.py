@@ -72,9 +72,10 @@ def keep(key: str, layers: list, model) -> None:
 
 
 def restart(model, lr: float) -> None:
-    """The kept model's weights and optimizer state as before its first training, at rate `lr`."""
-    for variable, value in zip(model.variables, _kept.start):
+    """The kept model's weights and optimizer state as before its first training, at rate `lr`. (Both
+    variable lists are fixed once built: Keras keeps metric variables apart; strict: a mismatch raises.)"""
+    for variable, value in zip(model.variables, _kept.start, strict=True):
         variable.assign(value)
-    for variable, value in zip(model.optimizer.variables, _kept.optimizer_start):
+    for variable, value in zip(model.optimizer.variables, _kept.optimizer_start, strict=True):
         variable.assign(value)
     model.optimizer.learning_rate = lr
