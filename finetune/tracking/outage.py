@@ -103,19 +103,11 @@ def now_ms() -> int:
 # -- sending one entry ---------------------------------------------------------------------------------
 def send(client, entry: dict) -> None:
     """One journal entry to the server through an MlflowClient (raises what the client raises)."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Param, RunTag
 
     run_id, op = entry["run_id"], entry["op"]
-    if op == "metrics":
-        items = [Metric(key, _number(value), int(entry["timestamp"]), int(entry.get("step") or 0))
-                 for key, value in entry["metrics"].items()]
-        for start in range(0, len(items), BATCH_METRICS):
-            client.log_batch(run_id, metrics=items[start:start + BATCH_METRICS])
-    elif op == "series":  # one metric at many steps (the learning rate of every optimizer update)
-        items = [Metric(entry["key"], _number(value), int(entry["timestamp"]), int(step))
-                 for step, value in entry["values"]]
-        for start in range(0, len(items), BATCH_METRICS):
-            client.log_batch(run_id, metrics=items[start:start + BATCH_METRICS])
+    if op in ("metrics", "series"):  # series: one metric at many steps (the rate of every optimizer update)
+        send_metrics(client, [entry])
     elif op == "params":
         items = [Param(key, str(value)) for key, value in entry["params"].items()]
         for start in range(0, len(items), BATCH_PARAMS):
@@ -149,7 +141,7 @@ def send(client, entry: dict) -> None:
 
 
 def send_metrics(client, entries: list[dict]) -> None:
-    """Several "metrics"/"series" entries of one run in as few log_batch calls as MLflow allows."""
+    """"metrics"/"series" entries of one run in as few log_batch calls as MLflow allows."""
     from mlflow.entities import Metric
 
     items = []
@@ -226,11 +218,8 @@ class Breaker:
     def _say(self, text: str) -> None:
         print(text, file=self.stream or sys.stderr, flush=True)
 
-    def _deliver(self, entries: list[dict], sender):
-        """`sender`: `send` (one entry) or `send_metrics` (several)."""
-        def call(client):
-            return sender(client, entries[0] if sender is send else entries)
-
+    def _deliver(self, entries: list[dict], call):
+        """call(client) sends `entries`; while the server is away they are journaled instead."""
         if not self.remote:
             return call(self.client)
         with self.lock:
@@ -354,7 +343,7 @@ class Session(Breaker):
         """Send the held metrics now (one log_batch), or journal them while the server is away."""
         held = self.held.take()
         if held:
-            self._deliver(held, send if len(held) == 1 else send_metrics)
+            self._deliver(held, lambda client: send_metrics(client, held))
 
     def log_params(self, params: dict) -> None:
         self.submit({"op": "params", "params": {k: str(v) for k, v in params.items()}})
@@ -378,7 +367,8 @@ class Session(Breaker):
         metrics go first."""
         if self.held:
             self.flush()
-        return self._deliver([{"run_id": self.run_id, **body}], send)
+        entry = {"run_id": self.run_id, **body}
+        return self._deliver([entry], lambda client: send(client, entry))
 
     def end(self, status: str | None = "FINISHED") -> str | None:
         """Replay what is pending, end the run with `status` (None: leave its status as it is) on the
